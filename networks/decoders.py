@@ -1,0 +1,179 @@
+"""Decoders that turn 2D backbone features into per-slice logits.
+
+* :class:`UPerNet` as Med-Tuning uses it on ViT-B/16: pyramid pooling (bins 1, 2, 4, 6) on the
+  deepest map, lateral 1x1 convolutions, a 3x3 smoothing convolution, fusion and a 3x3 classifier.
+  The reference code builds its smoothing convolutions as ``[conv] * 3`` (one module used for all
+  three levels), which is what its published parameter counts include; ``share_smooth=True`` keeps
+  that, ``False`` gives each level its own.
+* :class:`SwinUNetDecoder`, Cao et al.'s Swin-Unet decoder: patch expanding, skip concatenation,
+  mirrored Swin blocks, a final x4 expansion and a 1x1 output convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import drop_path_rates
+from .swin import SwinTransformerBlock
+
+__all__ = ["UPerNet", "ViTUPerNetDecoder", "SwinUNetDecoder", "PatchExpand"]
+
+
+def conv_bn_act(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU())
+
+
+class PyramidPooling(nn.Module):
+    """PSP module: pooled context at several bin sizes, concatenated with the input and fused."""
+
+    def __init__(self, channels: int, bins: Sequence[int] = (1, 2, 4, 6)) -> None:
+        super().__init__()
+        branch = channels // len(bins)
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), *conv_bn_act(channels, branch, 1)) for b in bins)
+        self.bottleneck = nn.Sequential(*conv_bn_act(channels + branch * len(bins), channels, 3), nn.Dropout2d(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pyramid = [x] + [F.interpolate(s(x), size=size, mode="bilinear", align_corners=True) for s in self.stages]
+        return self.bottleneck(torch.cat(pyramid, dim=1))
+
+
+class UPerNet(nn.Module):
+    """UPerNet head over a list of feature maps (finest first); returns logits at the finest map's size."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256,
+                 pool_bins: Sequence[int] = (1, 2, 4, 6), share_smooth: bool = True) -> None:
+        super().__init__()
+        if in_channels[0] != channels:
+            raise ValueError(f"the finest feature must already have {channels} channels, got {in_channels[0]}")
+        levels = len(in_channels) - 1
+        self.ppm = PyramidPooling(in_channels[-1], pool_bins)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels[1:])
+        if share_smooth:
+            smooth = nn.Conv2d(channels, channels, 3, padding=1)
+            self.smooth = nn.ModuleList([smooth] * levels)
+        else:
+            self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(levels))
+        self.fusion = conv_bn_act(len(in_channels) * channels, channels, 3)
+        self.classifier = nn.Conv2d(channels, num_classes, 3, padding=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        feats = list(features)
+        feats[-1] = self.ppm(feats[-1])
+        feats[1:] = [lat(f) for lat, f in zip(self.lateral, feats[1:])]
+        # Each level adds its upsampled coarser neighbour (the reference's "up_and_add").
+        merged = [
+            F.interpolate(feats[i], size=feats[i - 1].shape[-2:], mode="bilinear", align_corners=True) + feats[i - 1]
+            for i in range(1, len(feats))
+        ]
+        pyramid = [conv(m) for conv, m in zip(self.smooth, reversed(merged))][::-1] + [feats[-1]]
+        size = pyramid[0].shape[-2:]
+        pyramid[1:] = [F.interpolate(p, size=size, mode="bilinear", align_corners=True) for p in pyramid[1:]]
+        return self.classifier(self.fusion(torch.cat(pyramid, dim=1)))
+
+
+class ViTUPerNetDecoder(nn.Module):
+    """Med-Tuning's ViT decoder: the first tapped block goes through 1x1 conv + BN + GELU to
+    ``channels``, the others enter UPerNet directly; logits are upsampled bilinearly to the input."""
+
+    def __init__(self, embed_dim: int, num_features: int, num_classes: int, channels: int = 256,
+                 share_smooth: bool = True) -> None:
+        super().__init__()
+        # The reference's reduction conv keeps its bias although a BN follows; the counts include it.
+        self.reduce = nn.Sequential(nn.Conv2d(embed_dim, channels, 1), nn.BatchNorm2d(channels), nn.GELU())
+        self.upernet = UPerNet([channels] + [embed_dim] * (num_features - 1), num_classes, channels,
+                               share_smooth=share_smooth)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        feats = [self.reduce(features[0]), *features[1:]]
+        return F.interpolate(self.upernet(feats), size=tuple(out_size), mode="bilinear", align_corners=False)
+
+
+class PatchExpand(nn.Module):
+    """Linear ``C -> scale^2 * C / scale`` then pixel-shuffle to ``scale``x the resolution, ``C/scale``
+    channels (``scale=4`` keeps ``C`` as Swin-Unet's final expansion does), then LayerNorm."""
+
+    def __init__(self, dim: int, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+        out_dim = dim // 2 if scale == 2 else dim
+        self.expand = nn.Linear(dim, out_dim * scale * scale, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        s = self.scale
+        x = self.expand(x)
+        c = x.shape[-1] // (s * s)
+        x = x.view(b, h, w, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, c)
+        return self.norm(x)
+
+
+class SwinDecoderStage(nn.Module):
+    def __init__(self, dim: int, resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
+                 upsample: bool, mlp_ratio: float, drop_path: Sequence[float]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(dim, resolution, num_heads, window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio,
+                                 drop_path=drop_path[i])
+            for i in range(depth)
+        )
+        self.upsample = PatchExpand(dim) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.upsample(x) if self.upsample is not None else x
+
+
+class SwinUNetDecoder(nn.Module):
+    """Swin-Unet decoder (Cao et al. 2021) mirroring a Swin encoder.
+
+    ``forward(bottom, skips)``: ``bottom`` is the normed last-stage map ``(B, h, w, C_last)``,
+    ``skips`` the inputs of encoder stages 0..n-2 (NHWC). Returns logits ``(B, K, H, W)``.
+    """
+
+    def __init__(self, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], window_size: int,
+                 patch_resolution: Sequence[int], num_classes: int, patch_size: int = 4, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        n = len(depths)
+        rates = drop_path_rates(drop_path_rate, sum(depths))
+        self.layers_up = nn.ModuleList()
+        self.concat_back_dim = nn.ModuleList()
+        for i in range(n):
+            level = n - 1 - i
+            dim = embed_dim * 2**level
+            res = [r // 2**level for r in patch_resolution]
+            self.concat_back_dim.append(nn.Linear(2 * dim, dim) if i > 0 else nn.Identity())
+            if i == 0:
+                self.layers_up.append(PatchExpand(dim))
+            else:
+                self.layers_up.append(SwinDecoderStage(
+                    dim, res, depths[level], num_heads[level], window_size, upsample=i < n - 1, mlp_ratio=mlp_ratio,
+                    drop_path=rates[sum(depths[:level]):sum(depths[: level + 1])]))
+        self.norm_up = nn.LayerNorm(embed_dim)
+        if patch_size != 4:
+            raise ValueError("Swin-Unet's final expansion is x4; use patch_size=4")
+        self.up = PatchExpand(embed_dim, scale=4)
+        self.output = nn.Conv2d(embed_dim, num_classes, 1, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, bottom: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.layers_up[0](bottom)
+        for i in range(1, len(self.layers_up)):
+            x = self.concat_back_dim[i](torch.cat([x, skips[-i]], dim=-1))
+            x = self.layers_up[i](x)
+        x = self.up(self.norm_up(x))
+        return self.output(x.permute(0, 3, 1, 2))

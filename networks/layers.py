@@ -1,0 +1,153 @@
+"""Small building blocks shared by the backbones, with timm's parameter names.
+
+timm cannot be imported on our CPU torch build, so the few pieces we need are written here and
+proven against timm's own outputs in ``tests/test_timm_parity.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import DropPath
+from torch import nn
+
+__all__ = [
+    "DropPath",
+    "Mlp",
+    "adapt_input_conv",
+    "resample_abs_pos_embed",
+    "resize_rel_pos_bias_table",
+    "relative_position_index",
+    "drop_path_rates",
+]
+
+
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic-depth rate of each of ``n`` blocks, rising linearly from 0 to ``rate``."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward block: ``fc1 -> GELU -> fc2`` (timm's ``Mlp`` names)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
+    """Adapt a pretrained RGB input convolution to ``in_channels`` the way timm does.
+
+    One channel: sum the RGB kernels. N channels: repeat the RGB kernels and scale by 3/N so that
+    the expected activation stays the same.
+    """
+    dtype = weight.dtype
+    weight = weight.float()
+    out_ch, src_ch, kh, kw = weight.shape
+    if in_channels == src_ch:
+        return weight.to(dtype)
+    if src_ch != 3:
+        raise ValueError(
+            f"cannot adapt an input convolution with {src_ch} input channels to {in_channels}; "
+            "only 3-channel (RGB) kernels can be adapted"
+        )
+    if in_channels == 1:
+        weight = weight.sum(dim=1, keepdim=True)
+    else:
+        repeat = int(math.ceil(in_channels / 3))
+        weight = weight.repeat(1, repeat, 1, 1)[:, :in_channels] * (3.0 / float(in_channels))
+    return weight.to(dtype)
+
+
+def resample_abs_pos_embed(
+    pos_embed: torch.Tensor,
+    new_size: Sequence[int],
+    old_size: Sequence[int] | None = None,
+    num_prefix_tokens: int = 1,
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resize a ViT position embedding ``(1, prefix + h*w, C)`` to a new token grid, bicubically.
+
+    Prefix (class-token) embeddings are kept as they are. ``antialias=True`` is timm's default and
+    what timm 1.0 computes (checked against ``timm_parity``: without it block outputs differ by 0.06).
+    """
+    new_size = tuple(int(s) for s in new_size)
+    prefix = pos_embed[:, :num_prefix_tokens] if num_prefix_tokens else None
+    grid = pos_embed[:, num_prefix_tokens:]
+    if old_size is None:
+        side = int(math.isqrt(grid.shape[1]))
+        if side * side != grid.shape[1]:
+            raise ValueError(f"position embedding with {grid.shape[1]} tokens is not a square grid")
+        old_size = (side, side)
+    old_size = tuple(int(s) for s in old_size)
+    if old_size != new_size:
+        dim = grid.shape[-1]
+        dtype = grid.dtype
+        grid = grid.reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=new_size, mode="bicubic", align_corners=False, antialias=antialias)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], dim).to(dtype)
+    return grid if prefix is None else torch.cat([prefix, grid], dim=1)
+
+
+def relative_position_index(window: Sequence[int]) -> torch.Tensor:
+    """Index into a ``(2Wh-1)(2Ww-1)`` bias table for every query/key pair of a window (Swin)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += window[0] - 1
+    rel[:, :, 1] += window[1] - 1
+    rel[:, :, 0] *= 2 * window[1] - 1
+    return rel.sum(-1)
+
+
+def _geometric_positions(src: int, dst: int) -> np.ndarray:
+    # Source sample positions spaced geometrically so that the table's outer range stretches to
+    # the target's (BEiT / timm ``resize_rel_pos_bias_table``).
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return np.array([-d for d in reversed(dis)] + [0.0] + dis)
+
+
+def resize_rel_pos_bias_table(table: torch.Tensor, new_window: Sequence[int]) -> torch.Tensor:
+    """Resize a Swin relative-position bias table ``((2W-1)^2, heads)`` to another window as timm does.
+
+    timm places the source entries at geometrically spaced offsets and interpolates linearly
+    (clamping outside the source range); bilinear interpolation is separable, so two ``np.interp``
+    passes per head reproduce it.
+    """
+    dst = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    src_len, heads = table.shape
+    side = int(math.isqrt(src_len))
+    if side * side != src_len:
+        raise ValueError(f"relative position bias table with {src_len} rows is not square")
+    if (side, side) == dst:
+        return table
+    ys, xs = _geometric_positions(side, dst[0]), _geometric_positions(side, dst[1])
+    ty, tx = dst[0] // 2, dst[1] // 2
+    dy = np.arange(-ty, ty + 0.1, 1.0)
+    dx = np.arange(-tx, tx + 0.1, 1.0)
+    values = table.detach().float().cpu().numpy().reshape(side, side, heads)
+    out = np.empty((dst[0], dst[1], heads), dtype=np.float64)
+    for h in range(heads):
+        rows = np.stack([np.interp(dx, xs, values[r, :, h]) for r in range(side)])  # (side, dst_w)
+        out[:, :, h] = np.stack([np.interp(dy, ys, rows[:, c]) for c in range(dst[1])], axis=1)
+    return torch.from_numpy(out.reshape(dst[0] * dst[1], heads)).to(table.dtype)

@@ -1,0 +1,212 @@
+"""Segmentation networks: 2D backbones that read a volume slice by slice, and MONAI's SwinUNETR.
+
+``[B, C, D, H, W]`` is read as ``B*D`` slices ``[B*D, C, H, W]`` by the 2D backbone; the decoder's
+per-slice logits are folded back to ``[B, K, D, H, W]``. Every network exposes
+``frozen_modules()`` and ``adapter_sites()`` for :mod:`networks.pet`, and ``load_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.networks.nets import SwinUNETR
+from torch import nn
+
+from .context import SliceContext
+from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
+from .pet.base import AdapterSite
+from .swin import SwinTransformer
+from .vit import VisionTransformer
+from .weights import LoadReport, load_backbone_weights
+
+__all__ = ["SliceVolumeNet", "ViTUPerNet", "SwinUNet", "SwinUNETRNet", "build_network", "NETWORKS"]
+
+
+class SliceVolumeNet(nn.Module):
+    """Base for networks whose 2D backbone reads the slices of a volume (axis 2 of the input)."""
+
+    backbone: nn.Module
+
+    def __init__(self, num_slices: int | None) -> None:
+        super().__init__()
+        self.num_slices = num_slices  # slices per volume the Med-Adapter FFT weights are sized for
+        self.context = SliceContext()
+
+    def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"expected a volume batch [B, C, D, H, W], got shape {tuple(x.shape)}")
+        b, c, d, h, w = x.shape
+        self.context.begin(depth=d)
+        logits = self.forward_slices(x.transpose(1, 2).reshape(b * d, c, h, w))
+        return logits.reshape(b, d, -1, h, w).transpose(1, 2)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return self.backbone.frozen_modules()
+
+    def load_pretrained(self, path: str | Path) -> LoadReport:
+        """Load a pretrained backbone checkpoint (local file) into the encoder."""
+        return load_backbone_weights(self.backbone, path)
+
+
+class ViTUPerNet(SliceVolumeNet):
+    """ViT (timm names) + UPerNet on blocks ``out_indices``, as Med-Tuning's ViT-B/16 setting.
+
+    Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11.
+    """
+
+    def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
+                 num_slices: int | None = None, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool = False,
+                 decoder_channels: int = 256, share_smooth: bool = True, drop_path_rate: float = 0.0) -> None:
+        super().__init__(img_size if num_slices is None else num_slices)
+        if max(out_indices) >= depth:
+            raise ValueError(f"out_indices {tuple(out_indices)} exceed the {depth} blocks")
+        self.out_indices = tuple(out_indices)
+        self.backbone = VisionTransformer(img_size, patch_size, in_channels, embed_dim, depth, num_heads,
+                                          class_token=class_token, drop_path_rate=drop_path_rate)
+        self.backbone.context = self.context
+        self.decoder = ViTUPerNetDecoder(embed_dim, len(out_indices), num_classes, decoder_channels, share_smooth)
+
+    def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
+        norm_last = self.out_indices[-1] == len(self.backbone.blocks) - 1
+        feats = self.backbone.forward_intermediates(x, self.out_indices, norm_last=norm_last)
+        return self.decoder(feats, x.shape[-2:])
+
+    def adapter_sites(self) -> list[AdapterSite]:
+        sites, stage = [], 0
+        for i, blk in enumerate(self.backbone.blocks):
+            closes = i in self.out_indices
+            sites.append(AdapterSite(blk, self.backbone.embed_dim, stage if i <= self.out_indices[-1] else None,
+                                     closes, "tokens", self.num_slices))
+            stage += int(closes)
+        return sites
+
+
+class SwinUNet(SliceVolumeNet):
+    """Swin encoder (timm names) + Swin-Unet decoder (Cao et al.), Med-Tuning's Swin setting.
+
+    Defaults are the paper's: Swin-T width 96, depths 2/2/2/2, heads 3/6/12/24, window 4, 128x128.
+    """
+
+    def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
+                 num_slices: int | None = None, patch_size: int = 4, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 4, drop_path_rate: float = 0.1) -> None:
+        super().__init__(img_size if num_slices is None else num_slices)
+        self.backbone = SwinTransformer(img_size, patch_size, in_channels, embed_dim, depths, num_heads, window_size,
+                                        drop_path_rate=drop_path_rate)
+        self.decoder = SwinUNetDecoder(embed_dim, depths, num_heads, window_size,
+                                       (img_size // patch_size, img_size // patch_size), num_classes, patch_size,
+                                       drop_path_rate=drop_path_rate)
+
+    def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
+        stages = self.backbone.forward_stages(x)
+        skips = [stage_in for stage_in, _ in stages[:-1]]
+        return self.decoder(self.backbone.norm(stages[-1][1]), skips)
+
+    def adapter_sites(self) -> list[AdapterSite]:
+        sites = []
+        for s, stage in enumerate(self.backbone.layers):
+            for j, blk in enumerate(stage.blocks):
+                sites.append(AdapterSite(blk, self.backbone.embed_dims[s], s, j == len(stage.blocks) - 1, "nhwc",
+                                         self.num_slices, (1, 2, 2)))
+        return sites
+
+    def init_decoder_from_encoder(self) -> list[str]:
+        """Copy encoder Swin blocks into the mirrored decoder blocks, as Swin-Unet initialises
+        from a pretrained encoder; returns the decoder keys that were set."""
+        n = len(self.backbone.layers)
+        done = []
+        with torch.no_grad():
+            for i in range(1, n):
+                enc, dec = self.backbone.layers[n - 1 - i], self.decoder.layers_up[i]
+                for name, p in dec.blocks.named_parameters():
+                    p.copy_(enc.blocks.get_parameter(name))
+                    done.append(f"decoder.layers_up.{i}.blocks.{name}")
+        return done
+
+    def load_pretrained(self, path: str | Path, init_decoder: bool = True) -> LoadReport:
+        report = super().load_pretrained(path)
+        if init_decoder:
+            report.resized["decoder.layers_up.*.blocks"] = "initialised from the mirrored encoder blocks (Swin-Unet)"
+            self.init_decoder_from_encoder()
+        return report
+
+
+class SwinUNETRNet(SwinUNETR):
+    """MONAI's SwinUNETR (3D) with the hooks PET methods need; MONAI's parameter names are kept.
+
+    ``img_size`` is the training patch side (96 in MONAI's recipes); Med-Adapters size their FFT
+    weights from the token depth it gives at each stage.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, img_size: int = 96, feature_size: int = 48,
+                 depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> None:
+        super().__init__(in_channels=in_channels, out_channels=num_classes, depths=depths, num_heads=num_heads,
+                         window_size=window_size, feature_size=feature_size, dropout_path_rate=drop_path_rate,
+                         use_checkpoint=use_checkpoint, spatial_dims=3)
+        self.img_size = img_size
+        self.context = SliceContext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.context.begin(depth=None)
+        return super().forward(x)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.swinViT.layers1[0], self.swinViT.layers2[0], self.swinViT.layers3[0], self.swinViT.layers4[0]]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.swinViT]
+
+    def adapter_sites(self) -> list[AdapterSite]:
+        sites = []
+        patch = 2  # SwinUNETR's patch embedding
+        for s, stage in enumerate(self.stages()):
+            depth = self.img_size // (patch * 2**s)
+            for j, blk in enumerate(stage.blocks):
+                sites.append(AdapterSite(blk, blk.dim, s, j == len(stage.blocks) - 1, "ndhwc", depth, (2, 2, 2)))
+        return sites
+
+    def load_pretrained(self, path: str | Path) -> LoadReport:
+        from .weights import load_swinunetr_weights
+
+        return load_swinunetr_weights(self, path)
+
+
+NETWORKS: dict[str, type[nn.Module]] = {
+    "vit_b16_upernet": ViTUPerNet,
+    "swin_unet": SwinUNet,
+    "swinunetr": SwinUNETRNet,
+}
+
+
+def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
+                  method_options: dict | None = None, **network_options) -> nn.Module:
+    """Build a network, load its pretrained backbone (local file) and apply a tuning method.
+
+    Args:
+        name: one of :data:`NETWORKS`.
+        method: a tuning method from :func:`networks.pet.available_methods`.
+        pretrained: local weight file for the backbone; ignored (with an error) for ``scratch``.
+        method_options: options of the method's config (e.g. ``{"reduction": 6}``).
+        network_options: constructor arguments of the network class.
+    """
+    from .pet import apply_method, get_method
+
+    try:
+        cls = NETWORKS[name]
+    except KeyError:
+        raise ValueError(f"unknown network '{name}'; choose one of {', '.join(NETWORKS)}") from None
+    model = cls(**network_options)
+    if pretrained:
+        if not get_method(method).loads_pretrained:
+            raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
+        model.pretrained_report = model.load_pretrained(pretrained)
+    apply_method(model, method, **(method_options or {}))
+    return model

@@ -1,0 +1,182 @@
+"""Med-Adapter (Med-Tuning, Wang et al.): a 3D-aware bottleneck after every Transformer block.
+
+Per block: ``Linear C -> C' (= C / alpha)`` + GELU; the tokens of all slices are rebuilt into a
+volume ``(B, C', D, h, w)``; **Intra-FE** sums two depth-wise branches (``1xKxK`` then ``Kx1x1``
+convolution, BatchNorm3d, ReLU for K = 3 and 5) and an FFT global branch, then mixes channels with
+a ``1x1x1`` convolution; **Inter-FI**, at the last adapter of each stage, concatenates the previous
+stage's map (aligned to this grid) and fuses with a ``1x1x1`` convolution ``2C' -> C'``; the result
+is added to the bottleneck features, projected back with ``Linear C' -> C`` + GELU and added to the
+block's output.
+
+The modules live in ``model.med_adapter`` and run from forward hooks on the blocks, so the
+backbone keeps its own parameter names (pretrained and tuned-only checkpoints stay loadable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..context import SliceContext
+from .base import AdapterSite, PETMethod, PETState, freeze_modules, register_method
+
+__all__ = ["MedAdapterConfig", "MedAdapter", "FrequencyFilter", "DepthwiseBranch", "MedAdapterMethod"]
+
+
+@dataclass
+class MedAdapterConfig:
+    reduction: int = 6  # alpha: bottleneck width C' = C // alpha
+    kernel_sizes: tuple[int, ...] = (3, 5)
+    inter_stage: bool = True
+
+
+class FrequencyFilter(nn.Module):
+    """FFT global branch: ``|ifftn(w[k_d] * fftn(x) + b[k_d])|`` over ``(D, h, w)``.
+
+    ``w`` and ``b`` are real, one value per depth frequency, initialised to ones (reference code).
+    Because they depend on the depth frequency only, the in-plane transforms cancel: the weight
+    needs a 1D FFT along depth, and the bias, constant over in-plane frequencies, is an impulse at
+    in-plane position (0, 0) (``tests`` check this against the direct 3D FFT). Always float32,
+    also under autocast.
+    """
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.weight = nn.Parameter(torch.ones(depth))
+        self.bias = nn.Parameter(torch.ones(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] != self.depth:
+            raise ValueError(
+                f"Med-Adapter's FFT branch was built for {self.depth} slices (one weight per depth frequency) "
+                f"but the volume has {x.shape[2]}; build the network with num_slices={x.shape[2]} or feed "
+                f"{self.depth}-slice patches (e.g. sliding-window inference with that ROI depth)"
+            )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            w = self.weight.float().view(1, 1, -1, 1, 1)
+            y = torch.fft.ifft(torch.fft.fft(x.float(), dim=2) * w, dim=2)
+            impulse = torch.fft.ifft(self.bias.float().to(torch.complex64))
+            y = self._add_impulse(y, impulse)
+            return y.abs()
+
+    @staticmethod
+    def _add_impulse(y: torch.Tensor, impulse: torch.Tensor) -> torch.Tensor:
+        # Out of place, so autograd keeps the FFT output it needs.
+        pulse = torch.zeros_like(y[:1, :1])
+        pulse[0, 0, :, 0, 0] = impulse
+        return y + pulse
+
+
+class DepthwiseBranch(nn.Sequential):
+    """``1xKxK`` then ``Kx1x1`` depth-wise convolution, BatchNorm3d, ReLU."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        pad = kernel // 2
+        super().__init__(
+            nn.Conv3d(channels, channels, (1, kernel, kernel), padding=(0, pad, pad), groups=channels),
+            nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(pad, 0, 0), groups=channels),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class MedAdapter(nn.Module):
+    """One Med-Adapter; see the module docstring. Input and output in the site's token layout."""
+
+    def __init__(self, site: AdapterSite, context: SliceContext, config: MedAdapterConfig) -> None:
+        super().__init__()
+        hidden = site.dim // config.reduction
+        if hidden < 1:
+            raise ValueError(f"reduction {config.reduction} leaves no channels for a {site.dim}-wide block")
+        if site.depth is None:
+            raise ValueError("Med-Adapter needs the number of slices the network reads (num_slices)")
+        self.layout = site.layout
+        self.context = context  # shared with the network; not a submodule
+        self.down_projection = nn.Linear(site.dim, hidden)
+        self.branches = nn.ModuleList(DepthwiseBranch(hidden, k) for k in config.kernel_sizes)
+        self.global_filter = FrequencyFilter(site.depth)
+        self.mix = nn.Conv3d(hidden, hidden, 1)
+        self.inter_stage = config.inter_stage and site.last_in_stage
+        if self.inter_stage:
+            stride = tuple(site.stage_stride)
+            if stride == (1, 1, 1):  # same grid (ViT): 1x1x1 alignment
+                self.align = nn.Conv3d(hidden, hidden, 1)
+            else:  # previous stage is finer and C'/2 wide: strided 3x3 (in the strided axes) conv
+                kernel = tuple(3 if s > 1 else 1 for s in stride)
+                self.align = nn.Conv3d(hidden // 2, hidden, kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
+            self.fuse = nn.Conv3d(2 * hidden, hidden, 1)
+        self.up_projection = nn.Linear(hidden, site.dim)
+        self.act = nn.GELU()
+
+    def to_volume(self, z: torch.Tensor) -> torch.Tensor:
+        """Bottleneck tokens -> ``(B, C', D, h, w)``."""
+        ctx = self.context
+        if self.layout == "ndhwc":
+            return z.permute(0, 4, 1, 2, 3)
+        depth = ctx.depth
+        if not depth or z.shape[0] % depth:
+            raise ValueError(f"{z.shape[0]} slices cannot be regrouped into volumes of {depth} slices")
+        if self.layout == "tokens":
+            h, w = ctx.grid
+            z = z.reshape(z.shape[0], h, w, z.shape[-1])
+        return z.reshape(z.shape[0] // depth, depth, *z.shape[1:]).permute(0, 4, 1, 2, 3)
+
+    def from_volume(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        v = v.permute(0, 2, 3, 4, 1)
+        return v if self.layout == "ndhwc" else v.reshape(like.shape)
+
+    def inter_stage_map(self, local: torch.Tensor) -> torch.Tensor:
+        prev = self.context.stage_map
+        if prev is None:
+            # First stage: the reference aligns an all-zero map, which leaves the conv's bias. The
+            # weight stays in the graph with its (zero) gradient so DDP sees every parameter used.
+            bias = self.align.bias + 0.0 * self.align.weight.sum()
+            aligned = bias.view(1, -1, 1, 1, 1).expand_as(local)
+        else:
+            aligned = self.align(prev)
+            if aligned.shape[2:] != local.shape[2:]:
+                raise ValueError(f"inter-stage map {tuple(aligned.shape[2:])} does not align with {tuple(local.shape[2:])}")
+        fused = self.fuse(torch.cat([local, aligned.to(local.dtype)], dim=1))
+        self.context.stage_map = fused
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prefix = self.context.num_prefix_tokens if self.layout == "tokens" else 0
+        tokens = x[:, prefix:] if prefix else x
+        z = self.act(self.down_projection(tokens))
+        v = self.to_volume(z)
+        local = sum(branch(v) for branch in self.branches) + self.global_filter(v)
+        local = self.mix(local.to(v.dtype))
+        if self.inter_stage:
+            local = self.inter_stage_map(local)
+        z = self.from_volume(v + local, z)
+        out = tokens + self.act(self.up_projection(z))
+        return torch.cat([x[:, :prefix], out], dim=1) if prefix else out
+
+
+class _AdapterHook:
+    """Forward hook replacing a block's output by the adapter's; an object (not a closure) so that
+    ``copy.deepcopy`` of the network rebinds it to the copied adapter."""
+
+    def __init__(self, adapter: MedAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.adapter(output)
+
+
+@register_method
+class MedAdapterMethod(PETMethod):
+    name = "med_adapter"
+    config_class = MedAdapterConfig
+
+    def inject(self, model: nn.Module, config: MedAdapterConfig) -> PETState:
+        frozen = freeze_modules(model, model.frozen_modules())
+        sites = model.adapter_sites()
+        model.med_adapter = nn.ModuleList(MedAdapter(site, model.context, config) for site in sites)
+        for site, adapter in zip(sites, model.med_adapter):
+            site.module.register_forward_hook(_AdapterHook(adapter))
+        return PETState(self.name, vars(config).copy(), frozen=frozen, inserted=["med_adapter"])

@@ -1,0 +1,187 @@
+"""Vision Transformer backbone with timm's parameter names, reading 2D slices.
+
+Parameter names follow ``timm.models.vision_transformer.VisionTransformer`` so timm checkpoints load
+without renaming; ``tests/test_timm_parity.py`` proves the outputs match timm's to 1e-4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .context import SliceContext
+from .layers import DropPath, Mlp, drop_path_rates, resample_abs_pos_embed
+
+__all__ = ["VisionTransformer", "Attention", "Block"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder over 2D images (or the slices of a volume).
+
+    Args:
+        img_size: size the position embedding is built for; other sizes divisible by the patch
+            size are accepted and the embedding is resized bicubically on the fly.
+        patch_size: patch side (16 for ViT-B/16).
+        in_chans: input channels (pretrained RGB kernels are adapted when loading).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT hyper-parameters.
+        class_token: prepend a class token (timm default); Med-Tuning uses none.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        num_tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i]) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.context: SliceContext | None = None  # set by the volumetric wrapper that owns this backbone
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Pretrained parts kept frozen by parameter-efficient methods (the paper's split)."""
+        return [self.patch_embed, *self.blocks]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patchify, prepend the class token and add the (resized) position embedding."""
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input size {(h, w)} is not divisible by the patch size {self.patch_size}")
+        x = self.patch_embed.proj(x)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if grid != self.grid_size:
+            pos = resample_abs_pos_embed(pos, grid, self.grid_size, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.context is not None:
+            self.context.grid = grid
+            self.context.num_prefix_tokens = self.num_prefix_tokens
+        return self.pos_drop(x + pos)
+
+    def tokens_to_map(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Patch tokens ``(B, prefix + h*w, C)`` to a feature map ``(B, C, h, w)``."""
+        x = x[:, self.num_prefix_tokens :]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int], norm_last: bool = False
+    ) -> list[torch.Tensor]:
+        """Outputs of the blocks in ``indices`` as maps ``(B, C, h, w)``.
+
+        With ``norm_last`` the final norm is applied after the last block, before it is returned
+        (Med-Tuning's UPerNet reads block 11 that way).
+        """
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.embed(x)
+        wanted = set(indices)
+        outs = []
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == last and norm_last:
+                x = self.norm(x)
+            if i in wanted:
+                outs.append(self.tokens_to_map(x, grid))
+            if i >= max(wanted):
+                break
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, ``(B, prefix + h*w, C)``."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
