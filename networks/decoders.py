@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import drop_path_rates
+from .layers import drop_path_rates, init_linear
 from .swin import SwinTransformerBlock
 
 __all__ = ["UPerNet", "ViTUPerNetDecoder", "SwinUNetDecoder", "PatchExpand"]
@@ -161,14 +161,7 @@ class SwinUNetDecoder(nn.Module):
             raise ValueError("Swin-Unet's final expansion is x4; use patch_size=4")
         self.up = PatchExpand(embed_dim, scale=4)
         self.output = nn.Conv2d(embed_dim, num_classes, 1, bias=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def forward(self, bottom: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.layers_up[0](bottom)

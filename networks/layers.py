@@ -23,7 +23,16 @@ __all__ = [
     "resize_rel_pos_bias_table",
     "relative_position_index",
     "drop_path_rates",
+    "init_linear",
 ]
+
+
+def init_linear(m: nn.Module) -> None:
+    """timm's Transformer init for ``Module.apply``: truncated-normal (std 0.02) linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def drop_path_rates(rate: float, n: int) -> list[float]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
+from .memory import compress_frozen_activations
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
@@ -187,7 +188,8 @@ NETWORKS: dict[str, type[nn.Module]] = {
 
 
 def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
-                  method_options: dict | None = None, **network_options) -> nn.Module:
+                  method_options: dict | None = None, compress_activations: bool = True,
+                  **network_options) -> nn.Module:
     """Build a network, load its pretrained backbone (local file) and apply a tuning method.
 
     Args:
@@ -195,6 +197,8 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         method: a tuning method from :func:`networks.pet.available_methods`.
         pretrained: local weight file for the backbone; ignored (with an error) for ``scratch``.
         method_options: options of the method's config (e.g. ``{"reduction": 6}``).
+        compress_activations: keep the activations that frozen blocks save for the backward pass
+            in bfloat16 (:mod:`networks.memory`); no effect where no block is frozen.
         network_options: constructor arguments of the network class.
     """
     from .pet import apply_method, get_method
@@ -209,4 +213,6 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
             raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
         model.pretrained_report = model.load_pretrained(pretrained)
     apply_method(model, method, **(method_options or {}))
+    if compress_activations and model.pet.frozen:
+        compress_frozen_activations(model)
     return model

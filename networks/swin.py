@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, Mlp, drop_path_rates, relative_position_index
+from .layers import DropPath, Mlp, drop_path_rates, init_linear, relative_position_index
 
 __all__ = ["SwinTransformer", "SwinTransformerBlock", "PatchMerging", "window_partition", "window_reverse"]
 
@@ -205,14 +205,7 @@ class SwinTransformer(nn.Module):
             res = list(stage.output_resolution)
             self.layers.append(stage)
         self.norm = nn.LayerNorm(self.num_features)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def frozen_modules(self) -> list[nn.Module]:
         """Pretrained parts kept frozen by parameter-efficient methods (the paper's split)."""

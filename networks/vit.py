@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .context import SliceContext
-from .layers import DropPath, Mlp, drop_path_rates, resample_abs_pos_embed
+from .layers import DropPath, Mlp, drop_path_rates, init_linear, resample_abs_pos_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
@@ -120,11 +120,7 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def frozen_modules(self) -> list[nn.Module]:
         """Pretrained parts kept frozen by parameter-efficient methods (the paper's split)."""

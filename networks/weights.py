@@ -286,3 +286,26 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
     else:
         raise TypeError(f"no pretrained-weight conversion for {type(backbone).__name__}")
     return apply_state_dict(backbone, state, str(path), layout, resized, ignored, what)
+
+
+# --- MONAI SwinUNETR -------------------------------------------------------------------------------
+
+
+def load_swinunetr_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load MONAI SwinUNETR weights from a local file.
+
+    Two layouts: a full SwinUNETR state dict (``swinViT.*``, ``encoder1.*``, ...), or MONAI's
+    self-supervised Swin ViT weights (``model_swinvit.pt``: ``{'state_dict': {'module.layers1.0...'}}``
+    with ``mlp.fc1``/``fc2`` names), which go into ``model.swinViT``.
+    """
+    state, ignored = read_checkpoint(path)
+    if any(k.startswith("swinViT.") for k in state):
+        return apply_state_dict(model, state, str(path), "monai-swinunetr", {}, ignored, "SwinUNETR")
+    renamed = {re.sub(r"\.mlp\.fc([12])\.", r".mlp.linear\1.", k): v for k, v in state.items()}
+    encoder_keys = {k: v for k, v in renamed.items() if k.startswith(("patch_embed.", "layers"))}
+    report = apply_state_dict(model.swinViT, encoder_keys, str(path), "monai-swinvit-ssl", {}, ignored,
+                              "SwinUNETR Swin ViT")
+    report.unexpected += [k for k in renamed if k not in encoder_keys]
+    report.loaded = [f"swinViT.{k}" for k in report.loaded]
+    report.missing = [f"swinViT.{k}" for k in report.missing]
+    return report

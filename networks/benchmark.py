@@ -1,0 +1,173 @@
+"""Full fine-tuning vs Med-Tuning, measured side by side in one run.
+
+For each backbone: peak training memory and training step time of ``full`` and ``med_adapter`` on the
+same input and batch (each in a fresh worker process, so one's memory cannot hide the other's), and
+the inference time of the adapter network over the bare network (interleaved in one process).
+Prints ratios; ``--json`` writes every figure.
+
+    python -m networks.benchmark                      # CPU: reduced depth, says so
+    python -m networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the growth of the process's peak
+resident memory over its size after the imports on the CPU (weights, gradients, optimizer state,
+activations and allocator slack alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .models import build_network
+
+MODELS = ("vit_b16_upernet", "swin_unet")
+TARGETS = {"memory": 0.6, "step_time": 0.8, "inference": 1.15}
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _network(args: argparse.Namespace, model: str, method: str) -> torch.nn.Module:
+    return build_network(model, method, in_channels=args.in_channels, num_classes=args.classes,
+                         img_size=args.img_size, num_slices=args.slices)
+
+
+def train_worker(args: argparse.Namespace) -> dict:
+    """Build one network, run training steps, report median step time and peak memory."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    baseline = _current_rss_bytes()
+    net = _network(args, args.worker_model, args.worker_method).to(device).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    x = torch.randn(args.batch, args.in_channels, args.slices, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.classes, (args.batch, args.slices, args.img_size, args.img_size), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_peak_bytes() - baseline
+    return {"step_time_s": statistics.median(times), "peak_memory_bytes": int(peak),
+            "tuned_params": sum(p.numel() for p in params)}
+
+
+def _run_worker(args: argparse.Namespace, model: str, method: str) -> dict:
+    cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
+           "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
+           "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--amp"] if args.amp else [])
+    # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
+    # follows live memory instead of heap fragmentation (the same for both methods).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode:
+        raise RuntimeError(f"benchmark worker {model}/{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def inference_times(args: argparse.Namespace, model: str) -> tuple[float, float]:
+    """Median forward time (no grad) of the bare network and of its Med-Adapter form, interleaved."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bare = _network(args, model, "full").to(device).eval()
+    adapted = _network(args, model, "med_adapter").to(device).eval()
+    x = torch.randn(args.batch, args.in_channels, args.slices, args.img_size, args.img_size, device=device)
+    samples = {"bare": [], "adapted": []}
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        for rep in range(args.warmup + args.steps):
+            for name, net in (("bare", bare), ("adapted", adapted)) if rep % 2 == 0 else (("adapted", adapted), ("bare", bare)):
+                _sync(device)
+                t0 = time.perf_counter()
+                net(x)
+                _sync(device)
+                if rep >= args.warmup:
+                    samples[name].append(time.perf_counter() - t0)
+    return statistics.median(samples["bare"]), statistics.median(samples["adapted"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m networks.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--slices", type=int, default=None, help="slices per volume (default: 128 on GPU, 32 on CPU)")
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--json", default=None, help="write all figures to this file")
+    parser.add_argument("--worker-model", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.slices is None:
+        args.slices = 128 if args.device.startswith("cuda") else 32
+    if args.worker_model:
+        print(json.dumps(train_worker(args)))
+        return 0
+
+    setting = (f"device={args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+               f" batch={args.batch} volume={args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
+               f" amp={'bf16' if args.amp else 'off'} steps={args.steps} (+{args.warmup} warm-up)")
+    print(setting)
+    if args.device == "cpu" and args.slices != 128:
+        print(f"note: CPU run with {args.slices} slices per volume instead of the paper's 128 (same network widths)")
+    results = {"setting": setting, "models": {}}
+    header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6}"
+    print(header)
+    for model in args.models:
+        full = _run_worker(args, model, "full")
+        med = _run_worker(args, model, "med_adapter")
+        bare_t, med_t = inference_times(args, model)
+        row = {
+            "full": full, "med_adapter": med, "inference_bare_s": bare_t, "inference_med_adapter_s": med_t,
+            "memory_ratio": med["peak_memory_bytes"] / full["peak_memory_bytes"],
+            "step_time_ratio": med["step_time_s"] / full["step_time_s"],
+            "inference_ratio": med_t / bare_t,
+        }
+        results["models"][model] = row
+        print(f"{model:<16} {full['peak_memory_bytes'] / 2**30:>7.2f}Gi {med['peak_memory_bytes'] / 2**30:>7.2f}Gi "
+              f"{row['memory_ratio']:>6.2f} | {full['step_time_s']:>8.2f}s {med['step_time_s']:>8.2f}s "
+              f"{row['step_time_ratio']:>6.2f} | {bare_t:>7.2f}s {med_t:>7.2f}s {row['inference_ratio']:>6.2f}")
+    print(f"targets: memory <= {TARGETS['memory']}x full, step time <= {TARGETS['step_time']}x full, "
+          f"inference <= {TARGETS['inference']}x bare")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Shared test helpers: where the shared fixtures live and small network configurations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__import__("os").environ.get("MEDTUNING_SHARED", REPO.parent / "shared"))
+
+# Small versions of the two 2D settings: same structure, fewer/narrower blocks, few slices.
+TINY_VIT = dict(in_channels=4, num_classes=4, img_size=32, num_slices=8, embed_dim=96, depth=4, num_heads=3,
+                out_indices=(0, 1, 2, 3), decoder_channels=32)
+TINY_SWIN = dict(in_channels=4, num_classes=3, img_size=64, num_slices=8, embed_dim=24, num_heads=(1, 2, 4, 8))
+TINY_SWINUNETR = dict(in_channels=1, num_classes=2, img_size=64, feature_size=12)
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if __import__("os").environ.get("CI"):
+            pytest.fail(f"shared fixtures not found at {path}; CI must run with ../shared beside the clone")
+        pytest.skip(f"shared fixtures not found at {path} (set MEDTUNING_SHARED)")
+    return path

@@ -1,0 +1,61 @@
+"""Tuned-only checkpoints: save what was tuned, apply it over a separately loaded backbone."""
+
+import pytest
+import torch
+
+from networks import build_network
+from networks.checkpoint import load_tuned, save_tuned, tuned_state_dict
+from networks.weights import WeightLoadError
+
+from .conftest import TINY_SWIN, TINY_VIT
+
+
+def trained(name, options, method="med_adapter", seed=0):
+    torch.manual_seed(seed)
+    net = build_network(name, method, **options).train()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+@pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (1, 4, 8, 32, 32)),
+                                                ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64))])
+def test_round_trip_over_a_separately_loaded_backbone(tmp_path, name, options, shape):
+    net = trained(name, options)
+    net(torch.randn(*shape))  # BatchNorm statistics move; they must travel with the tuned state
+    sizes = save_tuned(net, tmp_path / "tuned.safetensors")
+    assert sizes["tuned_file_bytes"] == (tmp_path / "tuned.safetensors").stat().st_size
+    fresh = trained(name, options, seed=1)
+    fresh.backbone.load_state_dict(net.backbone.state_dict())  # "pretrained" backbone loaded on its own
+    meta = load_tuned(fresh, tmp_path / "tuned.safetensors")
+    assert meta["method"] == "med_adapter" and meta["config"]["reduction"] == 6
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), fresh.eval()(x))
+    assert not any(k.startswith("backbone.blocks") or k.startswith("backbone.layers") for k in tuned_state_dict(net))
+    assert list(tmp_path.iterdir()) == [tmp_path / "tuned.safetensors"], "no temporary file left behind"
+
+
+def test_tuned_file_is_a_fraction_of_the_full_network(tmp_path):
+    options = dict(TINY_VIT, embed_dim=384, depth=8, num_heads=6, out_indices=(1, 3, 5, 7))
+    sizes = save_tuned(trained("vit_b16_upernet", options), tmp_path / "t.safetensors")
+    assert sizes["tuned_file_bytes"] < 0.2 * sizes["full_state_bytes"]
+
+
+def test_wrong_method_or_network_is_refused(tmp_path):
+    save_tuned(trained("vit_b16_upernet", TINY_VIT), tmp_path / "t.safetensors")
+    with pytest.raises(WeightLoadError, match="saved for method 'med_adapter', the model uses 'head'"):
+        load_tuned(build_network("vit_b16_upernet", "head", **TINY_VIT), tmp_path / "t.safetensors")
+    with pytest.raises(WeightLoadError, match="does not fit this network"):
+        load_tuned(build_network("vit_b16_upernet", "med_adapter", **dict(TINY_VIT, decoder_channels=16)),
+                   tmp_path / "t.safetensors")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_tuned(trained("vit_b16_upernet", TINY_VIT), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightLoadError, match="not a readable safetensors checkpoint"):
+        load_tuned(trained("vit_b16_upernet", TINY_VIT), path)

@@ -1,0 +1,156 @@
+"""Med-Adapter: the reference computation, PET freezing, autocast, depth errors, memory option."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks import build_network
+from networks.pet.med_adapter import FrequencyFilter, MedAdapter
+
+from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT
+
+
+def reference_fft_branch(x, weight, bias):
+    """The reference code's global branch, literally: 3D FFT, weight and bias per depth frequency."""
+    spec = torch.fft.fftn(x, dim=(2, 3, 4))
+    spec = spec * weight.view(1, 1, -1, 1, 1) + bias.view(1, 1, -1, 1, 1)
+    return torch.abs(torch.fft.ifftn(spec, dim=(2, 3, 4)))
+
+
+def test_fft_branch_equals_direct_3d_fft():
+    torch.manual_seed(0)
+    filt = FrequencyFilter(depth=12)
+    with torch.no_grad():
+        filt.weight.normal_()
+        filt.bias.normal_()
+    x = torch.randn(2, 5, 12, 6, 7)
+    assert torch.allclose(filt(x), reference_fft_branch(x, filt.weight, filt.bias), atol=1e-5)
+
+
+def test_fft_branch_rejects_another_depth():
+    with pytest.raises(ValueError, match="built for 12 slices.*has 10"):
+        FrequencyFilter(depth=12)(torch.randn(1, 2, 10, 4, 4))
+
+
+def reference_adapter(adapter: MedAdapter, tokens, batch, depth, grid, prev):
+    """Med-Tuning's MedAdapter.forward re-written from the paper/reference for ViT tokens."""
+    x = F.gelu(adapter.down_projection(tokens))
+    b_, length, c = x.shape
+    v = x.reshape(batch, depth, grid[0], grid[1], c).permute(0, 4, 1, 2, 3)
+    local = sum(branch(v) for branch in adapter.branches)
+    local = local + reference_fft_branch(v, adapter.global_filter.weight, adapter.global_filter.bias)
+    local = adapter.mix(local)
+    if adapter.inter_stage:
+        if prev is None:
+            prev = torch.zeros_like(local)
+        local = adapter.fuse(torch.cat([local, adapter.align(prev)], dim=1))
+    out = (v + local).permute(0, 2, 3, 4, 1).reshape(b_, length, c)
+    return tokens + F.gelu(adapter.up_projection(out)), local
+
+
+def test_vit_network_matches_reference_adapter_computation():
+    torch.manual_seed(0)
+    net = build_network("vit_b16_upernet", "med_adapter", compress_activations=False, **TINY_VIT).eval()
+    for p in net.med_adapter.parameters():  # move away from the ones/zeros initialisation
+        p.data.normal_(0, 0.2)
+    slices = torch.randn(2, 4, 8, 32, 32).transpose(1, 2).reshape(16, 4, 32, 32)
+    with torch.no_grad():
+        net.context.begin(depth=8)
+        ours = net.backbone.forward_features(slices)  # blocks called through their adapter hooks
+        # replay: Module.forward bypasses hooks, adapters applied the reference way
+        tokens, prev = net.backbone.embed(slices), None
+        for blk, adapter in zip(net.backbone.blocks, net.med_adapter):
+            tokens, stage_map = reference_adapter(adapter, blk.forward(tokens), 2, 8, (2, 2), prev)
+            prev = stage_map if adapter.inter_stage else prev
+        reference = net.backbone.norm(tokens)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,options,shape", [
+    ("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
+    ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64)),
+    ("swinunetr", TINY_SWINUNETR, (1, 1, 64, 64, 64)),
+])
+def test_only_tuned_parameters_change_after_a_step(name, options, shape):
+    torch.manual_seed(0)
+    net = build_network(name, "med_adapter", **options).train()
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    tuned = {n for n, p in net.named_parameters() if p.requires_grad}
+    frozen_prefixes = tuple(f"{p}." for p in net.pet.frozen)
+    assert all(not n.startswith(frozen_prefixes) for n in tuned)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    out = net(torch.randn(*shape))
+    assert out.shape[0] == shape[0] and out.shape[2:] == shape[2:]
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad), "every tuned parameter is used"
+    assert all(p.grad is None for p in net.parameters() if not p.requires_grad)
+    opt.step()
+    after = net.state_dict()
+    for key, value in before.items():
+        if key.startswith(frozen_prefixes):
+            assert torch.equal(value, after[key]), f"frozen {key} changed"
+    changed = [k for k in tuned if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * len(tuned)
+    assert any(k.startswith("med_adapter.") for k in changed)
+
+
+def test_autocast_bf16_outputs_finite_and_fft_in_float32():
+    torch.manual_seed(0)
+    net = build_network("swin_unet", "med_adapter", **TINY_SWIN).train()
+    dtypes = []
+    for m in net.modules():
+        if isinstance(m, FrequencyFilter):
+            m.register_forward_hook(lambda mod, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(1, 4, 8, 64, 64))
+    assert torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    assert dtypes and all(out_dtype == torch.float32 for _, out_dtype in dtypes)
+    assert any(in_dtype == torch.bfloat16 for in_dtype, _ in dtypes), "autocast reached the adapters"
+
+
+def test_volume_depth_the_adapters_cannot_take_is_a_clear_error():
+    net = build_network("vit_b16_upernet", "med_adapter", **TINY_VIT)
+    with pytest.raises(ValueError, match="built for 8 slices"):
+        net(torch.randn(1, 4, 6, 32, 32))
+    with pytest.raises(ValueError, match=r"expected a volume batch \[B, C, D, H, W\]"):
+        net(torch.randn(4, 32, 32))
+
+
+def test_compressed_frozen_activations_keep_gradients_close():
+    grads = []
+    for compress in (False, True):
+        torch.manual_seed(0)
+        net = build_network("vit_b16_upernet", "med_adapter", compress_activations=compress, **TINY_VIT).train()
+        torch.manual_seed(1)
+        net(torch.randn(2, 4, 8, 32, 32)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-2
+
+
+def test_deepcopy_rebinds_adapters():
+    torch.manual_seed(0)
+    net = build_network("vit_b16_upernet", "med_adapter", **TINY_VIT).eval()
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.med_adapter.parameters():
+            p.add_(0.5)
+    x = torch.randn(1, 4, 8, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(net(x), twin(x))
+        assert twin.med_adapter[0].context is twin.context
+
+
+def test_applying_a_second_method_is_refused():
+    from networks import apply_method
+
+    net = build_network("vit_b16_upernet", "head", **TINY_VIT)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_method(net, "med_adapter")
+    with pytest.raises(ValueError, match="unknown tuning method 'nope'"):
+        build_network("vit_b16_upernet", "nope", **TINY_VIT)
+    with pytest.raises(ValueError, match="has no option"):
+        build_network("vit_b16_upernet", "med_adapter", method_options={"alpha": 3}, **TINY_VIT)

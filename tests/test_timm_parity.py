@@ -1,0 +1,95 @@
+"""Our backbones reproduce timm's features from timm's own checkpoints (1e-4, float32, CPU)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from networks.layers import adapt_input_conv
+from networks.swin import SwinTransformer
+from networks.vit import VisionTransformer
+from networks.weights import load_backbone_weights
+
+from .conftest import shared_path
+
+TOL = 1e-4
+
+
+def vit(img_size=224, in_chans=3):
+    return VisionTransformer(img_size=img_size, patch_size=16, in_chans=in_chans, embed_dim=96, depth=4,
+                             num_heads=3).eval()
+
+
+def swin():
+    return SwinTransformer(img_size=224, patch_size=4, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                           window_size=7).eval()
+
+
+@pytest.mark.parametrize("weights", ["vit_tiny_timm.safetensors", "vit_tiny_timm.pth"])
+def test_vit_features_at_224(weights):
+    ref = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_reference.safetensors"))
+    model = vit()
+    report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", weights))
+    assert not report.missing and not report.unexpected
+    with torch.no_grad():
+        blocks = model.forward_intermediates(ref["input_224"], [0, 1, 2, 3])
+        tokens = model.forward_features(ref["input_224"])
+    for i, out in enumerate(blocks):
+        assert (out - ref[f"block{i}_224"]).abs().max() < TOL
+    assert (tokens - ref["final_norm_tokens_224"]).abs().max() < TOL
+
+
+def test_vit_features_at_128_resizing_on_the_fly():
+    ref = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_reference.safetensors"))
+    model = vit()
+    load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
+    with torch.no_grad():
+        blocks = model.forward_intermediates(ref["input_128"], [0, 1, 2, 3])
+        tokens = model.forward_features(ref["input_128"])
+    for i, out in enumerate(blocks):
+        assert (out - ref[f"block{i}_128"]).abs().max() < TOL
+    assert (tokens - ref["final_norm_tokens_128"]).abs().max() < TOL
+
+
+def test_vit_built_at_128_resizes_position_embedding_when_loading():
+    ref = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_reference.safetensors"))
+    model = vit(img_size=128)
+    report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
+    assert "pos_embed" in report.resized and "14x14 -> 8x8" in report.resized["pos_embed"]
+    assert model.pos_embed.shape == (1, 65, 96)
+    with torch.no_grad():
+        blocks = model.forward_intermediates(ref["input_128"], [0, 1, 2, 3])
+    for i, out in enumerate(blocks):
+        assert (out - ref[f"block{i}_128"]).abs().max() < TOL
+
+
+def test_vit_without_class_token_drops_its_embedding():
+    model = VisionTransformer(img_size=128, patch_size=16, embed_dim=96, depth=4, num_heads=3, class_token=False)
+    report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
+    assert model.pos_embed.shape == (1, 64, 96)
+    assert "cls_token" in report.unexpected
+    assert "class-token entry dropped" in report.resized["pos_embed"]
+
+
+@pytest.mark.parametrize("weights,layout", [("swin_tiny_timm.safetensors", "timm"),
+                                            ("swin_tiny_official.pth", "microsoft-swin")])
+def test_swin_stage_features(weights, layout):
+    ref = load_file(shared_path("fixtures", "timm_parity", "swin_tiny_reference.safetensors"))
+    model = swin()
+    report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", weights))
+    assert report.layout == layout
+    assert not report.missing and not report.unexpected
+    with torch.no_grad():
+        stages = model.forward_stages(ref["input_224"])
+    for i, (_, out) in enumerate(stages):
+        assert (out.permute(0, 3, 1, 2) - ref[f"stage{i}_224"]).abs().max() < TOL
+
+
+def test_four_channel_input_adapted_from_rgb_as_timm():
+    src = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))["patch_embed.proj.weight"]
+    model = vit(img_size=224, in_chans=4)
+    report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
+    assert "patch_embed.proj.weight" in report.resized
+    expected = torch.cat([src, src[:, :1]], dim=1) * 0.75
+    assert torch.allclose(model.patch_embed.proj.weight, expected)
+    # one channel: RGB kernels summed
+    assert torch.allclose(adapt_input_conv(1, src), src.sum(1, keepdim=True))
