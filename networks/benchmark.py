@@ -52,8 +52,10 @@ def _network(args: argparse.Namespace, model: str, method: str) -> torch.nn.Modu
                          img_size=args.img_size, num_slices=args.slices)
 
 
-def train_worker(args: argparse.Namespace) -> dict:
-    """Build one network, run training steps, report median step time and peak memory."""
+def train_worker(args: argparse.Namespace) -> None:
+    """Build one network; on each ``step`` line from stdin run one training step and print its time;
+    on ``done`` print the peak memory. The parent alternates two workers step by step, so drift in
+    the machine's speed falls on both methods alike."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     baseline = _current_rss_bytes()
@@ -65,8 +67,10 @@ def train_worker(args: argparse.Namespace) -> dict:
     loss_fn = torch.nn.CrossEntropyLoss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         _sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -75,25 +79,48 @@ def train_worker(args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        print(time.perf_counter() - t0, flush=True)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_peak_bytes() - baseline
-    return {"step_time_s": statistics.median(times), "peak_memory_bytes": int(peak),
-            "tuned_params": sum(p.numel() for p in params)}
+    print(json.dumps({"peak_memory_bytes": int(peak), "tuned_params": sum(p.numel() for p in params)}), flush=True)
 
 
-def _run_worker(args: argparse.Namespace, model: str, method: str) -> dict:
+def _start_worker(args: argparse.Namespace, model: str, method: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
-           "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--amp"] if args.amp else [])
+           "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes)]
+    cmd += ["--amp"] if args.amp else []
     # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
     # follows live memory instead of heap fragmentation (the same for both methods).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if out.returncode:
-        raise RuntimeError(f"benchmark worker {model}/{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    if worker.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"benchmark worker {model}/{method} failed to start (exit {worker.wait()})")
+    return worker
+
+
+def _ask(worker: subprocess.Popen, command: str) -> str:
+    worker.stdin.write(command + "\n")
+    worker.stdin.flush()
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark worker {' '.join(worker.args[3:7])} failed (exit {worker.wait()})")
+    return line.strip()
+
+
+def training_figures(args: argparse.Namespace, model: str) -> dict[str, dict]:
+    """Median step time and peak memory of ``full`` and ``med_adapter``, their steps interleaved."""
+    workers = {m: _start_worker(args, model, m) for m in ("full", "med_adapter")}
+    times: dict[str, list[float]] = {m: [] for m in workers}
+    for step in range(args.warmup + args.steps):
+        for method in (list(workers) if step % 2 == 0 else list(workers)[::-1]):
+            t = float(_ask(workers[method], "step"))
+            if step >= args.warmup:
+                times[method].append(t)
+    out = {}
+    for method, worker in workers.items():
+        out[method] = {**json.loads(_ask(worker, "done")), "step_time_s": statistics.median(times[method])}
+        worker.wait()
+    return out
 
 
 def inference_times(args: argparse.Namespace, model: str) -> tuple[float, float]:
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slices is None:
         args.slices = 128 if args.device.startswith("cuda") else 32
     if args.worker_model:
-        print(json.dumps(train_worker(args)))
+        train_worker(args)
         return 0
 
     setting = (f"device={args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -148,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6}"
     print(header)
     for model in args.models:
-        full = _run_worker(args, model, "full")
-        med = _run_worker(args, model, "med_adapter")
+        figures = training_figures(args, model)
+        full, med = figures["full"], figures["med_adapter"]
         bare_t, med_t = inference_times(args, model)
         row = {
             "full": full, "med_adapter": med, "inference_bare_s": bare_t, "inference_med_adapter_s": med_t,
