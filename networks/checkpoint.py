@@ -37,10 +37,15 @@ def tuned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
 
 
+def _storage_key(v: torch.Tensor) -> tuple:
+    """Identifies one view of one storage: names sharing it hold the same tensor."""
+    return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+
+
 def state_dict_bytes(state: dict[str, torch.Tensor]) -> int:
     seen, total = set(), 0
     for v in state.values():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), v.numel())
+        key = _storage_key(v)
         if key not in seen:
             seen.add(key)
             total += v.numel() * v.element_size()
@@ -58,7 +63,7 @@ def save_tuned(model: nn.Module, path: str | Path, extra: dict | None = None) ->
     # once and record the other names as aliases.
     state, aliases, first = {}, {}, {}
     for k, v in tuned_state_dict(model).items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        key = _storage_key(v)
         if key in first:
             aliases[k] = first[key]
         else:

@@ -20,7 +20,7 @@ from .memory import compress_frozen_activations
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
-from .weights import LoadReport, load_backbone_weights
+from .weights import LoadReport, load_backbone_weights, load_swinunetr_weights
 
 __all__ = ["SliceVolumeNet", "ViTUPerNet", "SwinUNet", "SwinUNETRNet", "build_network", "NETWORKS"]
 
@@ -175,8 +175,6 @@ class SwinUNETRNet(SwinUNETR):
         return sites
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        from .weights import load_swinunetr_weights
-
         return load_swinunetr_weights(self, path)
 
 

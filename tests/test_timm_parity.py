@@ -24,30 +24,30 @@ def swin():
                            window_size=7).eval()
 
 
+def assert_vit_matches(model, ref, size, tokens=True):
+    """Block outputs (and, with ``tokens``, the final-norm tokens) equal timm's at ``size``."""
+    with torch.no_grad():
+        blocks = model.forward_intermediates(ref[f"input_{size}"], [0, 1, 2, 3])
+        for i, out in enumerate(blocks):
+            assert (out - ref[f"block{i}_{size}"]).abs().max() < TOL
+        if tokens:
+            assert (model.forward_features(ref[f"input_{size}"]) - ref[f"final_norm_tokens_{size}"]).abs().max() < TOL
+
+
 @pytest.mark.parametrize("weights", ["vit_tiny_timm.safetensors", "vit_tiny_timm.pth"])
 def test_vit_features_at_224(weights):
     ref = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_reference.safetensors"))
     model = vit()
     report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", weights))
     assert not report.missing and not report.unexpected
-    with torch.no_grad():
-        blocks = model.forward_intermediates(ref["input_224"], [0, 1, 2, 3])
-        tokens = model.forward_features(ref["input_224"])
-    for i, out in enumerate(blocks):
-        assert (out - ref[f"block{i}_224"]).abs().max() < TOL
-    assert (tokens - ref["final_norm_tokens_224"]).abs().max() < TOL
+    assert_vit_matches(model, ref, 224)
 
 
 def test_vit_features_at_128_resizing_on_the_fly():
     ref = load_file(shared_path("fixtures", "timm_parity", "vit_tiny_reference.safetensors"))
     model = vit()
     load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
-    with torch.no_grad():
-        blocks = model.forward_intermediates(ref["input_128"], [0, 1, 2, 3])
-        tokens = model.forward_features(ref["input_128"])
-    for i, out in enumerate(blocks):
-        assert (out - ref[f"block{i}_128"]).abs().max() < TOL
-    assert (tokens - ref["final_norm_tokens_128"]).abs().max() < TOL
+    assert_vit_matches(model, ref, 128)
 
 
 def test_vit_built_at_128_resizes_position_embedding_when_loading():
@@ -56,10 +56,7 @@ def test_vit_built_at_128_resizes_position_embedding_when_loading():
     report = load_backbone_weights(model, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
     assert "pos_embed" in report.resized and "14x14 -> 8x8" in report.resized["pos_embed"]
     assert model.pos_embed.shape == (1, 65, 96)
-    with torch.no_grad():
-        blocks = model.forward_intermediates(ref["input_128"], [0, 1, 2, 3])
-    for i, out in enumerate(blocks):
-        assert (out - ref[f"block{i}_128"]).abs().max() < TOL
+    assert_vit_matches(model, ref, 128, tokens=False)
 
 
 def test_vit_without_class_token_drops_its_embedding():
