@@ -1,0 +1,225 @@
+"""Reading and writing NIfTI volumes, and atomic file writes.
+
+Arrays are handed around in nnU-Net's (channel, z, y, x) order, where z is the voxel axis closest to the
+world's z (the slice axis). For ordinary files that is the reversed NIfTI axis order, exactly what nnU-Net's
+SimpleITK reader gives. Files that store the slice axis first (KiTS19 keeps volumes as slices x 512 x 512)
+are brought into the same order from their affine, and written back in their own order by the inverse.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+class DataError(ValueError):
+    """A file or dataset that cannot be used as it is; the message names the file and the problem."""
+
+
+def nifti_ending(path: str | os.PathLike) -> str | None:
+    name = str(path)
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return None
+
+
+def strip_ending(name: str) -> str:
+    ending = nifti_ending(name)
+    return name[: -len(ending)] if ending else name
+
+
+@dataclass
+class Geometry:
+    """Where a volume's voxels lie, enough to write a result back on the same grid."""
+
+    affine: list[list[float]]
+    shape: list[int]  # in the file's own voxel order (3D part)
+    axes: list[int]  # file voxel axes in the order used for arrays: array axis i = file axis axes[i]
+    spacing: list[float]  # per array axis (z, y, x)
+    header: str = ""  # the NIfTI header, base64, so written results keep the original header fields
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"affine": self.affine, "shape": self.shape, "axes": self.axes, "spacing": self.spacing,
+                "header": self.header}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Geometry":
+        return cls(affine=d["affine"], shape=list(d["shape"]), axes=list(d["axes"]), spacing=list(d["spacing"]),
+                   header=d.get("header", ""))
+
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.axes)
+
+    def same_grid(self, other: "Geometry", atol: float = 1e-3) -> bool:
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
+
+def array_axes(affine: np.ndarray) -> list[int]:
+    """Voxel axes ordered from the one closest to world z down to the one closest to world x."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    world = [int(w) for w in ornt[:3, 0]]
+    return sorted(range(3), key=lambda axis: -world[axis])
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if nifti_ending(path) is None:
+        raise DataError(f"{path}: not a NIfTI file (expected {' or '.join(NIFTI_ENDINGS)})")
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for bad headers
+        raise DataError(f"{path}: cannot read the NIfTI header ({error})") from error
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI image ({type(image).__name__})")
+    return image
+
+
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+    """Shape, affine and voxel sizes without reading the voxels (cheap checks)."""
+    image = _load(Path(path))
+    return tuple(image.shape), image.affine, tuple(float(z) for z in image.header.get_zooms())
+
+
+def read_volume(path: str | os.PathLike, allow_channels: bool = False) -> tuple[np.ndarray, Geometry]:
+    """One file as an array in (z, y, x) order (channel first when allow_channels and the file is 4D)."""
+    path = Path(path)
+    image = _load(path)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # truncated gzip, short file, bad scaling
+        raise DataError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({error})") from error
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4 and not allow_channels:
+        raise DataError(f"{path}: expected a 3D volume, found 4D data of shape {data.shape}")
+    if data.ndim not in (3, 4):
+        raise DataError(f"{path}: expected a 3D volume, found {data.ndim}D data of shape {data.shape}")
+    axes = array_axes(image.affine)
+    zooms = image.header.get_zooms()
+    geometry = Geometry(affine=image.affine.tolist(), shape=[int(s) for s in data.shape[:3]], axes=axes,
+                        spacing=[float(zooms[a]) for a in axes],
+                        header=base64.b64encode(image.header.binaryblock).decode("ascii"))
+    if data.ndim == 4:
+        data = np.transpose(data, (3, *axes))
+    else:
+        data = np.transpose(data, axes)
+    return np.ascontiguousarray(data), geometry
+
+
+def read_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geometry]:
+    """Several single-channel files of one case as a (c, z, y, x) float32 array, checked to share one grid."""
+    arrays, first = [], None
+    for path in paths:
+        data, geometry = read_volume(path)
+        if first is None:
+            first = geometry
+        elif not geometry.same_grid(first):
+            raise DataError(f"{path}: on a different grid than {paths[0]} (shape {geometry.shape} vs {first.shape}, "
+                            f"or a different affine)")
+        arrays.append(data.astype(np.float32, copy=False))
+    return np.stack(arrays), first
+
+
+def to_file_order(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Undo read_volume's axis order: (z, y, x) array -> the file's voxel order."""
+    return np.transpose(array, np.argsort(geometry.axes))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it only when the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ending = nifti_ending(path) or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ending, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries a killed run left behind; returns how many."""
+    count = 0
+    for tmp in Path(folder).glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=None) -> Path:
+    """Write a (z, y, x) array on `geometry`'s grid, keeping the original header's fields, atomically."""
+    data = to_file_order(np.asarray(array), geometry)
+    if tuple(data.shape) != tuple(geometry.shape):
+        raise DataError(f"{path}: array of shape {data.shape} does not fit the target grid {geometry.shape}")
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    header = None
+    if geometry.header:
+        header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(base64.b64decode(geometry.header)))
+    image = nib.Nifti1Image(data, np.asarray(geometry.affine), header=header)
+    image.set_data_dtype(data.dtype)
+    if header is not None:
+        # keep the original qform/sform codes; the scaling of the original does not apply to labels
+        image.set_qform(np.asarray(geometry.affine), code=int(header["qform_code"]) or 1)
+        image.set_sform(np.asarray(geometry.affine), code=int(header["sform_code"]) or 1)
+        image.header.set_slope_inter(1.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, dtype=None) -> Path:
+    """Write an array in file voxel order with an affine, atomically (conversion and demo data)."""
+    data = np.asarray(data)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    image = nib.Nifti1Image(data, np.asarray(affine))
+    image.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    return Path(path)
+
+
+def save_json(path: str | os.PathLike, obj) -> Path:
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    return Path(path)
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
