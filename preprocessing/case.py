@@ -34,14 +34,14 @@ def sample_class_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 
 
 
 def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], plan: dict,
-                      backend: str = "fast", foreground_classes: Sequence[int] | None = None):
+                      backend: str = "fast", foreground_classes: Sequence[int] | None = None, copy: bool = True):
     """(c, z, y, x) image and (1, z, y, x) label arrays -> preprocessed arrays and what is needed to invert.
 
     The order of steps and every rule follow nnU-Net v2's DefaultPreprocessor, so that ``backend="exact"``
-    reproduces its output.
+    reproduces its output. ``copy=False`` lets it work in the caller's float32 array (saves one copy).
     """
     transpose = list(plan["transpose_forward"])
-    data = data.astype(np.float32).transpose([0, *[a + 1 for a in transpose]])
+    data = data.astype(np.float32, copy=copy).transpose([0, *[a + 1 for a in transpose]])
     if seg is not None:
         seg = np.array(seg).transpose([0, *[a + 1 for a in transpose]])
     spacing = [float(spacing[a]) for a in transpose]

@@ -13,7 +13,8 @@ def nonzero_mask(data: np.ndarray) -> np.ndarray:
     mask = data[0] != 0
     for channel in data[1:]:
         mask |= channel != 0
-    return binary_fill_holes(mask)
+    # nothing to fill when every voxel is nonzero (CT): skip the costly pass, same result
+    return mask if mask.all() else binary_fill_holes(mask)
 
 
 def bounding_box(mask: np.ndarray) -> list[list[int]]:
@@ -42,7 +43,9 @@ def crop_to_nonzero(data: np.ndarray, seg: np.ndarray | None = None):
     mask = mask[slicer][None]
     data = data[(slice(None),) + slicer]
     if seg is not None:
-        seg = seg[(slice(None),) + slicer].copy()
+        seg = seg[(slice(None),) + slicer]
+        # a signed copy: -1 must fit (label maps are usually stored as uint8)
+        seg = seg.astype(np.int16) if seg.dtype.kind in "ub" else seg.copy()
         seg[(seg == 0) & ~mask] = OUTSIDE_LABEL
     else:
         seg = np.where(mask, np.int8(0), np.int8(OUTSIDE_LABEL))

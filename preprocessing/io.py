@@ -122,16 +122,18 @@ def read_volume(path: str | os.PathLike, allow_channels: bool = False) -> tuple[
 
 def read_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geometry]:
     """Several single-channel files of one case as a (c, z, y, x) float32 array, checked to share one grid."""
-    arrays, first = [], None
-    for path in paths:
+    stacked, first = None, None
+    for c, path in enumerate(paths):
         data, geometry = read_volume(path)
         if first is None:
             first = geometry
+            stacked = np.empty((len(paths), *data.shape), dtype=np.float32)  # one copy, filled channel by channel
         elif not geometry.same_grid(first):
             raise DataError(f"{path}: on a different grid than {paths[0]} (shape {geometry.shape} vs {first.shape}, "
                             f"or a different affine)")
-        arrays.append(data.astype(np.float32, copy=False))
-    return np.stack(arrays), first
+        stacked[c] = data
+        del data
+    return stacked, first
 
 
 def to_file_order(array: np.ndarray, geometry: Geometry) -> np.ndarray:

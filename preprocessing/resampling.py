@@ -87,88 +87,113 @@ def resize_labels_exact(seg: np.ndarray, shape: Sequence[int], order: int = 1) -
 
 
 def _resample_exact(data: np.ndarray, shape, axis: int | None, is_seg: bool, order: int) -> np.ndarray:
+    """nnU-Net's resample_data_or_seg, step for step (including its float64 working copies)."""
     resize = (lambda a, s: resize_labels_exact(a, s, order)) if is_seg else (lambda a, s: skimage_resize(a, s, order))
     out = np.zeros((data.shape[0], *shape), dtype=data.dtype)
+    data = data.astype(np.float64, copy=False)
     for c in range(data.shape[0]):
         if axis is None:
             out[c] = resize(data[c], shape)
             continue
         moved = np.moveaxis(data[c], axis, 0)
         plane = [s for a, s in enumerate(shape) if a != axis]
-        inplane = np.stack([resize(moved[i], plane) for i in range(moved.shape[0])])
-        inplane = np.moveaxis(inplane, 0, axis).astype(np.float64 if not is_seg else inplane.dtype)
+        inplane = np.zeros((moved.shape[0], *plane))
+        for i in range(moved.shape[0]):
+            inplane[i] = resize(moved[i], plane)
+        inplane = np.moveaxis(inplane, 0, axis)
         if inplane.shape[axis] != shape[axis]:
             # nnU-Net maps all three axes with order-0 map_coordinates; the in-plane ones are identities then.
             grid = np.mgrid[tuple(slice(0, s) for s in shape)].astype(np.float64)
             for a in range(3):
                 grid[a] = (inplane.shape[a] / shape[a]) * (grid[a] + 0.5) - 0.5
-            inplane = ndimage.map_coordinates(inplane.astype(np.float64), grid, order=0, mode="nearest")
+            inplane = ndimage.map_coordinates(inplane, grid, order=0, mode="nearest")
         out[c] = inplane
     return out
 
 
 # ----------------------------------------------------------------------------------------------- fast
-def _interpolate(volume: torch.Tensor, shape: Sequence[int], mode: str) -> torch.Tensor:
-    """(n, z, y, x) or (n, y, x) float32 -> new spatial shape; n is treated as channels."""
-    return F.interpolate(volume[None], size=tuple(int(s) for s in shape), mode=mode, align_corners=False)[0]
+SLAB_VOXELS = 2**20  # voxels per slab resampled at once along a thick axis: bounds the fast path's temporaries
 
 
-def _resize_fast(volume: torch.Tensor, shape, axis: int | None, is_seg: bool) -> torch.Tensor:
-    """(n, z, y, x) float32 -> (n, *shape). In-plane cubic (linear for label scores) then nearest along axis."""
-    if axis is None:
-        return _interpolate(volume, shape, "trilinear")
-    moved = volume.movedim(axis + 1, 1)  # (n, thick, a, b)
-    plane = [s for a, s in enumerate(shape) if a != axis]
-    mode = "bilinear" if is_seg else "bicubic"
-    n, thick = moved.shape[:2]
-    flat = moved.reshape(n * thick, 1, *moved.shape[2:])
-    out = F.interpolate(flat, size=tuple(plane), mode=mode, align_corners=False).reshape(n, thick, *plane)
-    if thick != shape[axis]:
-        out = out.index_select(1, torch.from_numpy(_nearest_indices(thick, shape[axis])))
-    return out.movedim(1, axis + 1)
+def label_codes(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted label values and each voxel's int16 index among them, without sorting or int64 copies."""
+    if seg.dtype.kind in "iub":
+        low, high = int(seg.min()), int(seg.max())
+        if high - low < 4096:
+            labels = np.array([v for v in range(low, high + 1) if (seg == v).any()], dtype=seg.dtype)
+            lut = np.zeros(high - low + 1, dtype=np.int16)
+            lut[labels.astype(np.int64) - low] = np.arange(len(labels))
+            shifted = seg.astype(np.int16 if high - low < 32768 else np.int32) - np.int16(low)
+            return labels, lut[shifted]
+    labels = np.unique(seg)
+    return labels, np.searchsorted(labels, seg).astype(np.int16)
+
+
+def _nearest_codes(codes: torch.Tensor, shape) -> torch.Tensor:
+    """Nearest-neighbour resampling of an integer map on the pixel-area grid (any number of axes)."""
+    for axis, size in enumerate(shape):
+        codes = codes.index_select(axis, torch.from_numpy(_nearest_indices(codes.shape[axis], size)))
+    return codes
+
+
+def _labels_fast(codes: torch.Tensor, n_labels: int, shape, mode: str) -> torch.Tensor:
+    """Per-voxel winner of the labels' linearly resized indicators; exact ties go to the nearest label.
+
+    codes: (n, *spatial) label indices, n is a batch of slices or 1; returns (n, *shape) indices.
+    """
+    spatial = codes.shape[1:]
+    nearest = _nearest_codes(codes, [codes.shape[0], *shape])
+    best = win = nn_score = None
+    for i in range(n_labels):
+        score = F.interpolate((codes == i).float()[:, None], size=tuple(shape), mode=mode, align_corners=False)[:, 0]
+        is_nearest = nearest == i
+        if best is None:
+            best, win = score, torch.zeros(score.shape, dtype=torch.int16)
+            nn_score = torch.where(is_nearest, score, -1.0)
+            continue
+        nn_score = torch.where(is_nearest, score, nn_score)
+        win.masked_fill_(score > best, i)
+        torch.maximum(best, score, out=best)
+    assert len(spatial) == len(shape)
+    return torch.where((nn_score == best) & (best > 0), nearest, win)
 
 
 def _resample_fast(data: np.ndarray, shape, axis: int | None, is_seg: bool) -> np.ndarray:
     out = np.empty((data.shape[0], *shape), dtype=data.dtype)
     for c in range(data.shape[0]):
         channel = data[c]
-        if not is_seg:
-            source = torch.from_numpy(np.ascontiguousarray(channel, dtype=np.float32))[None]
-            resized = _resize_fast(source, shape, axis, False)[0]
-            # cubic convolution overshoots; clip to the input's range as skimage does
-            resized.clamp_(float(source.min()), float(source.max()))
-            out[c] = resized.numpy()
-            continue
-        labels = np.unique(channel)
-        if len(labels) == 1:
-            out[c] = labels[0]
-            continue
-        codes = torch.from_numpy(np.searchsorted(labels, channel).astype(np.int16))
-        nn_codes = _nearest_codes(codes, shape)
-        best = win = nn_score = None
-        for i in range(len(labels)):
-            score = _resize_fast((codes == i).float()[None], shape, axis, True)[0]
-            is_nearest = nn_codes == i
-            if best is None:
-                best, win = score, torch.zeros(score.shape, dtype=torch.int16)
-                nn_score = torch.where(is_nearest, score, torch.full_like(score, -1.0))
+        if is_seg:
+            labels, codes = label_codes(channel)
+            if len(labels) == 1:
+                out[c] = labels[0]
                 continue
-            nn_score[is_nearest] = score[is_nearest]
-            better = score > best
-            win[better] = i
-            torch.maximum(best, score, out=best)
-            del score, better, is_nearest
-        # exact ties (a voxel midway between two labels) go to the nearest-neighbour label, as in `exact`
-        tie = (nn_score == best) & (best > 0)
-        win = torch.where(tie, nn_codes, win)
-        out[c] = labels[win.numpy()]
+        else:
+            low, high = float(channel.min()), float(channel.max())  # skimage clips to the input's range
+        if axis is None:
+            if is_seg:
+                out[c] = labels[_labels_fast(torch.from_numpy(codes)[None], len(labels), shape, "trilinear")[0].numpy()]
+            else:
+                volume = torch.from_numpy(np.ascontiguousarray(channel, dtype=np.float32))[None, None]
+                resized = F.interpolate(volume, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+                out[c] = resized.clamp_(low, high).numpy()
+            continue
+        # thick axis: nearest neighbour along it, so each output slice is one source slice resized in-plane;
+        # only the source slices that are used get resized, a slab at a time
+        source = np.moveaxis(codes if is_seg else channel, axis, 0)
+        target = np.moveaxis(out[c], axis, 0)
+        plane = [s for a, s in enumerate(shape) if a != axis]
+        index = _nearest_indices(source.shape[0], shape[axis])
+        slab_size = max(1, SLAB_VOXELS // int(np.prod(plane)))
+        for start in range(0, len(index), slab_size):
+            used, inverse = np.unique(index[start:start + slab_size], return_inverse=True)
+            slab = torch.from_numpy(np.ascontiguousarray(source[used]))
+            if is_seg:
+                resized = labels[_labels_fast(slab, len(labels), plane, "bilinear").numpy()]
+            else:
+                resized = F.interpolate(slab.float()[:, None], size=tuple(plane), mode="bicubic",
+                                        align_corners=False)[:, 0].clamp_(low, high).numpy()
+            target[start:start + slab_size] = resized[inverse]
     return out
-
-
-def _nearest_codes(codes: torch.Tensor, shape) -> torch.Tensor:
-    """Nearest-neighbour resampling of an integer (z, y, x) map on the pixel-area grid."""
-    index = [torch.from_numpy(_nearest_indices(n, s)) for n, s in zip(codes.shape, shape)]
-    return codes[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
 
 
 def resample(data: np.ndarray, shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float],

@@ -1,0 +1,158 @@
+"""Preprocess a raw dataset with a plan: cases in parallel, files written atomically, reruns resume.
+
+Output folder layout (one set per case; the ``.json`` is written last and marks the case as done):
+``plan.json``, ``CASE.npy`` (float32 data, c z y x in the plan's transposed order), ``CASE_seg.npy`` (int8,
+-1 = outside the nonzero mask), ``CASE_locations.npz`` (foreground voxel samples per class),
+``CASE.json`` (properties needed to invert: crop box, shapes, spacing, original geometry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .case import preprocess_arrays
+from .dataset import CaseFiles, RawDataset
+from .io import DataError, atomic_path, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
+from .planning import load_plan, plan_hash, save_plan
+
+
+def case_paths(folder: str | Path, case_id: str) -> dict[str, Path]:
+    folder = Path(folder)
+    return {"data": folder / f"{case_id}.npy", "seg": folder / f"{case_id}_seg.npy",
+            "locations": folder / f"{case_id}_locations.npz", "properties": folder / f"{case_id}.json"}
+
+
+def load_properties(folder: str | Path, case_id: str) -> dict:
+    return json.loads(case_paths(folder, case_id)["properties"].read_text())
+
+
+def is_done(folder: str | Path, case_id: str, expected_hash: str) -> bool:
+    paths = case_paths(folder, case_id)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        return json.loads(paths["properties"].read_text()).get("plan_hash") == expected_hash
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def read_case(case: CaseFiles, num_channels: int, labels: dict[str, int] | None = None):
+    """Images (and label map, if the case has one) with every check that names the bad file."""
+    if len(case.images) != num_channels:
+        raise DataError(f"case {case.case_id}: {len(case.images)} image channel(s), the plan expects {num_channels}")
+    data, geometry = read_channels(case.images)
+    if not np.isfinite(data).all():
+        bad = next(p for p, d in zip(case.images, data) if not np.isfinite(d).all())
+        raise DataError(f"{bad}: contains NaN or Inf voxels")
+    seg = None
+    if case.label is not None:
+        seg, seg_geometry = read_volume(case.label)
+        if not seg_geometry.same_grid(geometry):
+            raise DataError(f"{case.label}: label map shape/affine {seg_geometry.shape} does not match the image "
+                            f"{case.images[0]} {geometry.shape}")
+        if labels is not None:
+            unknown = sorted(set(np.unique(seg).tolist()) - set(labels.values()))
+            if unknown:
+                raise DataError(f"{case.label}: label value(s) {unknown} not declared in dataset.json "
+                                f"(declared: {sorted(labels.values())})")
+        seg = seg[None]
+    return data, seg, geometry
+
+
+def preprocess_images(images: list[str | Path], plan: dict, backend: str | None = None):
+    """Images of one unseen case (any NIfTI layout) -> preprocessed (c, z, y, x) data and its properties.
+
+    This is the inference path: the properties carry the input's own geometry, so the inverse writes the
+    prediction on the input's grid and in its own axis order.
+    """
+    backend = backend or plan.get("resampling_backend", "fast")
+    case = CaseFiles(Path(images[0]).name, [Path(p) for p in images])
+    data, _, geometry = read_case(case, len(plan["channel_names"]))
+    data, _, properties = preprocess_arrays(data, None, geometry.spacing, plan, backend=backend,
+                                           foreground_classes=[], copy=False)
+    properties.pop("class_locations")
+    properties.update(geometry=geometry.to_json(), spacing=geometry.spacing, images=[str(p) for p in images],
+                      backend=backend)
+    return data, properties
+
+
+def preprocess_case(case: CaseFiles, plan: dict, output: str | Path, backend: str) -> str:
+    data, seg, geometry = read_case(case, len(plan["channel_names"]), plan["labels"])
+    data, seg, properties = preprocess_arrays(data, seg, geometry.spacing, plan, backend=backend, copy=False)
+    paths = case_paths(output, case.case_id)
+    locations = properties.pop("class_locations")
+    save_npy(paths["data"], data)
+    save_npy(paths["seg"], seg)
+    with atomic_path(paths["locations"]) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{str(k): v for k, v in locations.items()})
+    properties.update(case_id=case.case_id, plan_hash=plan_hash(plan), backend=backend,
+                      geometry=geometry.to_json(), spacing=geometry.spacing,
+                      images=[str(p) for p in case.images], label=str(case.label) if case.label else None,
+                      class_voxel_counts={str(k): int(len(v)) for k, v in locations.items()})
+    save_json(paths["properties"], properties)  # last: marks the case as complete
+    return case.case_id
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _job(args):
+    case, plan, output, backend = args
+    try:
+        return preprocess_case(case, plan, output, backend), None
+    except DataError as error:
+        return case.case_id, str(error)
+
+
+def preprocess_dataset(raw: str | Path, plan_path: str | Path, output: str | Path, workers: int = 2,
+                       backend: str | None = None, cases: list[CaseFiles] | None = None,
+                       progress: bool = True) -> dict:
+    """Preprocess every case not already done with this plan; returns counts. Bad cases are reported together."""
+    dataset = RawDataset.open(raw)
+    plan = load_plan(plan_path)
+    if backend:
+        plan["resampling_backend"] = backend
+    backend = plan.get("resampling_backend", "fast")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    save_plan(plan, output / "plan.json")
+    expected = plan_hash(plan)
+    cases = dataset.training_cases() if cases is None else cases
+    todo = [c for c in cases if not is_done(output, c.case_id, expected)]
+    workers = max(1, min(workers, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    failures = []
+    bar = tqdm(total=len(todo), desc=f"preprocess ({backend})", disable=not progress)
+    if workers == 1:
+        _init_worker(threads)
+        for case in todo:
+            _, error = _job((case, plan, output, backend))
+            failures += [error] if error else []
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+            pending, queue = set(), list(todo)
+            # at most one queued job per worker, so memory stays bounded by the workers' cases
+            while queue or pending:
+                while queue and len(pending) < 2 * workers:
+                    pending.add(pool.submit(_job, (queue.pop(0), plan, output, backend)))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    _, error = future.result()
+                    failures += [error] if error else []
+                    bar.update()
+    bar.close()
+    if failures:
+        raise DataError(f"{len(failures)} case(s) could not be preprocessed:\n" + "\n".join(failures))
+    return {"total": len(cases), "preprocessed": len(todo), "skipped": len(cases) - len(todo)}
