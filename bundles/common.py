@@ -6,13 +6,10 @@ MONAI does not have live here.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from ignite.engine import Engine, Events
@@ -20,7 +17,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from preprocessing.io import DataError
+from preprocessing.io import DataError, save_json
 
 logger = logging.getLogger("medtuning")
 
@@ -46,10 +43,6 @@ def require_dataset(dataset_dir: str | None, kind: str, bundle: str) -> Path:
         raise DataError(f"{work}: not a preprocessing work folder (no preprocessed/plan.json); make one with "
                         f"`python -m preprocessing prepare {kind} SOURCE {work}`")
     return work
-
-
-def load_work_plan(work: str | Path) -> dict:
-    return json.loads((Path(work) / "preprocessed" / "plan.json").read_text())
 
 
 def datalist(work: str | Path, split: str, val_fraction: float = 0.2) -> list[dict]:
@@ -158,8 +151,6 @@ def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Mod
 
 def report(evaluator: Engine, output_dir: str | Path) -> dict:
     """Print the last validation metrics and write them to OUTPUT/metrics.json."""
-    from preprocessing.io import save_json
-
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
     if metrics:
         print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
@@ -196,7 +187,6 @@ class RegionMetrics:
         self.composite_name = composite_name
         self.dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
         self.distance = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch")
-        self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -206,19 +196,14 @@ class RegionMetrics:
     def _reset(self, engine: Engine) -> None:
         self.dice.reset()
         self.distance.reset()
-        self.rows = []
 
     def _update(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for item in outputs:
             pred, label = item["pred"][None].float(), item["label"][None].float()
-            dice = self.dice(pred, label)[0]
-            row = {"case_id": _case_id(item)}
-            row.update({f"dice_{n}": float(v) for n, v in zip(self.names, dice)})
+            self.dice(pred, label)
             if self.hd95:
-                hd = self.distance(pred, label)[0]
-                row.update({f"hd95_{n}": float(v) for n, v in zip(self.names, hd)})
-            self.rows.append(row)
+                self.distance(pred, label)
 
     def _complete(self, engine: Engine) -> None:
         dice = self.dice.aggregate()
@@ -229,36 +214,7 @@ class RegionMetrics:
         if self.composite_name:
             summary[self.composite_name] = summary["dice_mean"]
         engine.state.metrics.update(summary)
-        engine.state.case_rows = list(self.rows)
         logger.info("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-
-
-def _case_id(item: dict) -> str:
-    meta = getattr(item.get("image"), "meta", {}) or {}
-    name = meta.get("filename_or_obj", "")
-    return Path(str(name)).stem if name else ""
-
-
-def write_case_csv(engine: Engine, path: str | Path) -> Path:
-    """Per-case metrics of the last evaluation and a summary row, written atomically."""
-    from preprocessing.io import atomic_path
-
-    rows = getattr(engine.state, "case_rows", [])
-    path = Path(path)
-    if not rows:
-        raise RuntimeError("no per-case metrics to write: attach RegionMetrics to the evaluator")
-    fields = list(rows[0])
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerow({"case_id": "mean", **{k: np.nanmean([r[k] for r in rows]) for k in fields[1:]}})
-    summary = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
-    with atomic_path(path.with_name("summary.json")) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    logger.info(f"per-case metrics -> {path}")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- demo

@@ -32,13 +32,13 @@ MODELS = ("vit_b16_upernet", "swin_unet")
 TARGETS = {"memory": 0.6, "step_time": 0.8, "inference": 1.15}
 
 
-def _rss_peak_bytes() -> int:
+def peak_rss_bytes() -> int:
     # VmHWM, not ru_maxrss: the latter survives exec, so a worker would inherit its parent's peak
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def _current_rss_bytes() -> int:
+def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -59,7 +59,7 @@ def train_worker(args: argparse.Namespace) -> None:
     the machine's speed falls on both methods alike."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    baseline = _current_rss_bytes()
+    baseline = current_rss_bytes()
     net = _network(args, args.worker_model, args.worker_method).to(device).train()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4)
@@ -81,7 +81,7 @@ def train_worker(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         _sync(device)
         print(time.perf_counter() - t0, flush=True)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_peak_bytes() - baseline
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes() - baseline
     print(json.dumps({"peak_memory_bytes": int(peak), "tuned_params": sum(p.numel() for p in params)}), flush=True)
 
 

@@ -20,18 +20,9 @@ import time
 from pathlib import Path
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM, not ru_maxrss: the latter survives exec, so a worker would inherit the parent's peak
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def _worker(backend: str, raw: str, plan_path: str, output: str, case_id: str) -> None:
+    from networks.benchmark import current_rss_bytes, peak_rss_bytes
+
     from .dataset import RawDataset
     from .planning import load_plan
     from .preprocessor import preprocess_case
@@ -39,12 +30,11 @@ def _worker(backend: str, raw: str, plan_path: str, output: str, case_id: str) -
     dataset = RawDataset.open(raw)
     case = next(c for c in dataset.training_cases() if c.case_id == case_id)
     plan = load_plan(plan_path)
-    before = _rss_mb()
+    before = current_rss_bytes()
     start = time.perf_counter()
     preprocess_case(case, plan, output, backend)
     seconds = time.perf_counter() - start
-    peak = _peak_rss_mb()
-    print(json.dumps({"seconds": seconds, "peak_mb": peak - before}))
+    print(json.dumps({"seconds": seconds, "peak_mb": (peak_rss_bytes() - before) / 2**20}))
 
 
 def run(cases: int = 3, size: int = 512, slices=(40, 60), workdir: str | None = None) -> dict:

@@ -83,6 +83,13 @@ def _benchmark(args):
     return benchmark_main(args.rest)
 
 
+def _add_run_options(parser: argparse.ArgumentParser, backend_default: str | None = "fast",
+                     backend_help: str | None = None, workers: bool = True) -> None:
+    parser.add_argument("--backend", default=backend_default, choices=["fast", "exact"], help=backend_help)
+    if workers:
+        parser.add_argument("--workers", type=int, default=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,25 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="fingerprint + nnU-Net planning rules -> plan.json")
     p.add_argument("raw")
     p.add_argument("plan")
-    p.add_argument("--backend", default="fast", choices=["fast", "exact"])
     p.add_argument("--spacing", type=float, nargs=3, help="force a target spacing (z y x)")
-    p.add_argument("--workers", type=int, default=2)
+    _add_run_options(p)
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("preprocess", help="preprocess every case (resumes; skips cases done with the same plan)")
     p.add_argument("raw")
     p.add_argument("plan")
     p.add_argument("output")
-    p.add_argument("--backend", choices=["fast", "exact"], help="overrides the plan's resampling back-end")
-    p.add_argument("--workers", type=int, default=2)
+    _add_run_options(p, None, "overrides the plan's resampling back-end")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("prepare", help="convert, verify, plan and preprocess into a work folder")
     p.add_argument("kind", choices=["brats", "kits19", "msd"])
     p.add_argument("source")
     p.add_argument("work")
-    p.add_argument("--backend", default="fast", choices=["fast", "exact"])
-    p.add_argument("--workers", type=int, default=2)
+    _add_run_options(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("invert", help="label map on the preprocessed grid (.npy) -> NIfTI in the original geometry")
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preprocessed")
     p.add_argument("case")
     p.add_argument("output")
-    p.add_argument("--backend", default="fast", choices=["fast", "exact"])
+    _add_run_options(p, workers=False)
     p.set_defaults(func=_invert)
 
     p = sub.add_parser("demo", help="write a synthetic dataset in a real on-disk layout")

@@ -8,7 +8,6 @@ last; every file is written atomically.
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .io import DataError, atomic_path, nifti_ending, save_json, save_nifti, strip_ending
+from .io import DataError, atomic_path, nifti_ending, read_json, save_json, save_nifti, strip_ending
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 BRATS_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}
@@ -169,12 +168,7 @@ def convert_msd(source: str | Path, output: str | Path) -> dict:
     """An MSD task folder (dataset.json v1; 4D multi-channel images split into channels) -> raw."""
     source, output = Path(source), Path(output)
     meta_path = source / "dataset.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing; expected an MSD task folder such as Task09_Spleen")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{meta_path}: not valid JSON ({error})") from error
+    meta = read_json(meta_path, "missing; expected an MSD task folder such as Task09_Spleen")
     modalities = {str(k): v for k, v in meta["modality"].items()}
     labels = {name: int(value) for value, name in meta["labels"].items()}
     values = sorted(labels.values())

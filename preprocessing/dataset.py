@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError
+from .io import DataError, read_json
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -31,12 +30,7 @@ class RawDataset:
         if not root.is_dir():
             raise DataError(f"{root}: dataset folder not found")
         path = root / "dataset.json"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; a raw dataset needs dataset.json (run `python -m preprocessing convert`)")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from error
+        meta = read_json(path, "missing; a raw dataset needs dataset.json (run `python -m preprocessing convert`)")
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
             raise DataError(f"{path}: missing key(s) {', '.join(missing)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -176,7 +178,7 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
         data = data.astype(dtype, copy=False)
     header = None
     if geometry.header:
-        header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(base64.b64decode(geometry.header)))
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(base64.b64decode(geometry.header)))
     image = nib.Nifti1Image(data, np.asarray(geometry.affine), header=header)
     image.set_data_dtype(data.dtype)
     if header is not None:
@@ -209,9 +211,18 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
-def save_json(path: str | os.PathLike, obj) -> Path:
-    import json
+def read_json(path: str | os.PathLike, missing: str) -> dict:
+    """A JSON file, or a DataError naming it: ``missing`` says what to do when it is not there."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
 
+
+def save_json(path: str | os.PathLike, obj) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
     return Path(path)

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .dataset import RawDataset
-from .io import DataError, save_json
+from .io import DataError, read_json, save_json
 from .normalization import MASKABLE_SCHEMES, SCHEMES, scheme_for_channel
 from .resampling import ANISOTROPY_THRESHOLD, new_shape_for
 
@@ -102,12 +102,7 @@ def make_plan(dataset: RawDataset, fingerprint: dict, backend: str = "fast",
 
 def load_plan(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: plan not found (run `python -m preprocessing plan` first)")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
+    plan = read_json(path, "plan not found (run `python -m preprocessing plan` first)")
     if plan.get("format") != PLAN_FORMAT:
         raise DataError(f"{path}: not a medtuning plan (format {plan.get('format')!r}, expected {PLAN_FORMAT!r})")
     bad = [s for s in plan["normalization_schemes"] if s not in SCHEMES]

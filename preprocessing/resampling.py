@@ -141,7 +141,6 @@ def _labels_fast(codes: torch.Tensor, n_labels: int, shape, mode: str) -> torch.
 
     codes: (n, *spatial) label indices, n is a batch of slices or 1; returns (n, *shape) indices.
     """
-    spatial = codes.shape[1:]
     nearest = _nearest_codes(codes, [codes.shape[0], *shape])
     best = win = nn_score = None
     for i in range(n_labels):
@@ -154,7 +153,6 @@ def _labels_fast(codes: torch.Tensor, n_labels: int, shape, mode: str) -> torch.
         nn_score = torch.where(is_nearest, score, nn_score)
         win.masked_fill_(score > best, i)
         torch.maximum(best, score, out=best)
-    assert len(spatial) == len(shape)
     return torch.where((nn_score == best) & (best > 0), nearest, win)
 
 

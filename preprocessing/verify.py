@@ -99,12 +99,12 @@ def verify_dataset(root: str | Path) -> list[Problem]:
                 reference, reference_path = volume, path
             else:
                 _compare(path, reference_path, volume, reference, f"channel {channel}", problems)
-        extra = [n for n in channel_files if n.startswith(f"{case.case_id}_") and
-                 not any(n == p.name for p in case.images) and n[len(case.case_id) + 1:-len(dataset.file_ending)].isdigit()
-                 and len(n[len(case.case_id) + 1:-len(dataset.file_ending)]) == 4]
-        for name in extra:
-            problems.append(Problem("error", str(dataset.root / "imagesTr" / name),
-                                    f"channel beyond the {dataset.num_channels} declared in dataset.json"))
+        expected = {p.name for p in case.images}
+        for name in sorted(channel_files - expected):
+            index = name[len(case.case_id) + 1: -len(dataset.file_ending)]
+            if name.startswith(f"{case.case_id}_") and len(index) == 4 and index.isdigit():
+                problems.append(Problem("error", str(dataset.root / "imagesTr" / name),
+                                        f"channel beyond the {dataset.num_channels} declared in dataset.json"))
         if case.label is None:
             continue
         if not case.label.is_file():

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow, verify_metadata
 
-from preprocessing.io import DataError
-
 from .conftest import REPO, shared_path
 
 BUNDLE = REPO / "bundles" / "medtuning_brats"
@@ -44,18 +42,23 @@ def test_missing_dataset_dir_is_an_error(tmp_path):
     assert "does not exist" in repr(error.value.__cause__ or error.value)
 
 
+def run_workflow(config: str, override: dict, folder, workflow_type: str) -> None:
+    """initialize -> run -> finalize of CONFIGS/config with `override` as a second config file."""
+    path = folder / f"{workflow_type}_override.json"
+    path.write_text(json.dumps(override))
+    workflow = ConfigWorkflow(config_file=[str(CONFIGS / config), str(path)], workflow_type=workflow_type)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
 @pytest.mark.slow
 def test_demo_train_then_inference(tmp_path):
     demo = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"),
             "dataset_dir": f"$bundles.common.prepare_demo('brats', '{tmp_path / 'work'}')"}
     overrides = json.loads((CONFIGS / "demo.json").read_text())
     overrides.update(demo, epochs=2, iterations_per_epoch=4, val_interval=1)
-    (tmp_path / "train_override.json").write_text(json.dumps(overrides))
-    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(tmp_path / "train_override.json")],
-                              workflow_type="train")
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow("train.json", overrides, tmp_path, "train")
     assert (tmp_path / "models" / "model.pt").exists()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"dice_ET", "dice_TC", "dice_WT", "hd95_WT"} <= set(metrics)
@@ -63,12 +66,7 @@ def test_demo_train_then_inference(tmp_path):
     infer = json.loads((CONFIGS / "demo_inference.json").read_text())
     infer.update(dataset_dir=str(tmp_path / "work"), ckpt_dir=str(tmp_path / "models"),
                  output_dir=str(tmp_path / "pred"))
-    (tmp_path / "infer_override.json").write_text(json.dumps(infer))
-    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "inference.json"), str(tmp_path / "infer_override.json")],
-                              workflow_type="infer")
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow("inference.json", infer, tmp_path, "infer")
     predictions = sorted((tmp_path / "pred").glob("*.nii.gz"))
     assert len(predictions) == 2
     source = next((tmp_path / "work" / "source").rglob(predictions[0].name.replace(".nii.gz", "_flair.nii.gz")))
