@@ -1,3 +1,6 @@
 """The medtuning MONAI bundles' shared logic; the bundle folders hold configs, docs and license only."""
 
-from . import common  # noqa: F401  (configs use `$import bundles` then `bundles.common.*`)
+# configs use `$import bundles` then `bundles.common.*`, `bundles.metrics.*`, `bundles.inference.*`
+from . import common, inference, metrics  # noqa: F401
+
+__all__ = ["common", "inference", "metrics"]

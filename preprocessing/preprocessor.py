@@ -65,6 +65,29 @@ def read_case(case: CaseFiles, num_channels: int, labels: dict[str, int] | None 
     return data, seg, geometry
 
 
+def read_image_channels(images: list[Path], plan: dict):
+    """One file per channel, or one 4D file (channels last, as MSD and MONAI Label store them)."""
+    names = ", ".join(str(v) for v in plan["channel_names"].values())
+    expected = len(plan["channel_names"])
+    if not images:
+        raise DataError(f"no image files given; the plan expects {expected} channel(s) ({names})")
+    if len(images) == 1 and expected > 1:
+        data, geometry = read_volume(images[0], allow_channels=True)
+        found = 1 if data.ndim == 3 else data.shape[0]
+        if found != expected:
+            raise DataError(f"{images[0]}: {found} channel(s), the plan expects {expected} ({names}); give one 4D file "
+                            f"or one file per channel")
+        data = data.astype(np.float32, copy=False)
+        if not np.isfinite(data).all():
+            raise DataError(f"{images[0]}: contains NaN or Inf voxels")
+        return data, geometry
+    if len(images) != expected:
+        raise DataError(f"{len(images)} image file(s) ({', '.join(p.name for p in images)}), the plan expects "
+                        f"{expected} channel(s) ({names})")
+    data, _, geometry = read_case(CaseFiles(images[0].name, images), expected)
+    return data, geometry
+
+
 def preprocess_images(images: list[str | Path], plan: dict, backend: str | None = None):
     """Images of one unseen case (any NIfTI layout) -> preprocessed (c, z, y, x) data and its properties.
 
@@ -72,8 +95,7 @@ def preprocess_images(images: list[str | Path], plan: dict, backend: str | None 
     prediction on the input's grid and in its own axis order.
     """
     backend = backend or plan.get("resampling_backend", "fast")
-    case = CaseFiles(Path(images[0]).name, [Path(p) for p in images])
-    data, _, geometry = read_case(case, len(plan["channel_names"]))
+    data, geometry = read_image_channels([Path(p) for p in images], plan)
     data, _, properties = preprocess_arrays(data, None, geometry.spacing, plan, backend=backend,
                                            foreground_classes=[], copy=False)
     properties.pop("class_locations")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from preprocessing.cli import main as cli_main
-from preprocessing.io import DataError, read_volume
+from preprocessing.io import DataError, read_volume, to_file_order
 from preprocessing.planning import load_plan
 from preprocessing.preprocessor import preprocess_images
 from preprocessing.verify import verify_dataset
@@ -124,8 +124,19 @@ def test_inference_input_checks(raw, tmp_path):
 
     plan_dataset(raw, tmp_path / "plan.json", workers=1)
     plan = load_plan(tmp_path / "plan.json")
-    with pytest.raises(DataError, match="1 image channel"):
+    with pytest.raises(DataError, match=r"case0_0000.nii.gz: 1 channel\(s\), the plan expects 2"):
         preprocess_images([raw / "imagesTr/case0_0000.nii.gz"], plan)
+    with pytest.raises(DataError, match=r"3 image file\(s\).*the plan expects 2"):
+        preprocess_images([raw / "imagesTr/case0_0000.nii.gz"] * 3, plan)
+    # one 4D file holding both channels (MSD, MONAI Label) is the same case as two files
+    first, geometry = read_volume(raw / "imagesTr/case0_0000.nii.gz")
+    second, _ = read_volume(raw / "imagesTr/case0_0001.nii.gz")
+    stacked = nib.Nifti1Image(np.stack([to_file_order(first, geometry), to_file_order(second, geometry)], -1),
+                              np.asarray(geometry.affine))
+    nib.save(stacked, str(tmp_path / "stacked.nii.gz"))
+    from_4d, _ = preprocess_images([tmp_path / "stacked.nii.gz"], plan)
+    from_files, _ = preprocess_images([raw / "imagesTr/case0_0000.nii.gz", raw / "imagesTr/case0_0001.nii.gz"], plan)
+    np.testing.assert_allclose(from_4d, from_files, atol=1e-5)
     _save(tmp_path / "other.nii.gz", np.ones((5, 5, 5), np.float32))
     with pytest.raises(DataError, match="other.nii.gz: on a different grid"):
         preprocess_images([raw / "imagesTr/case0_0000.nii.gz", tmp_path / "other.nii.gz"], plan)

@@ -1,0 +1,201 @@
+"""Both bundles as the model-zoo CI checks them: metadata, network in/out, then train, train+evaluate and
+inference workflows on tiny demo data (initialize -> check_properties() == [] -> run -> finalize), a 2-process
+gloo run of multi_gpu_train, and the errors a user meets with bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+
+from .conftest import REPO, shared_path
+
+BUNDLES = {
+    "medtuning_brats": dict(kind="brats", regions=["ET", "TC", "WT"], values={0, 1, 2, 4}, channels=4,
+                            metrics={"dice_ET", "dice_TC", "dice_WT", "hd95_WT", "dice_mean"}),
+    "medtuning_kits": dict(kind="kits19", regions=["kidney", "tumor"], values={0, 1, 2}, channels=1,
+                           metrics={"dice_kidney", "dice_tumor", "hd95_kidney", "composite_dice"}),
+}
+TINY = dict(epochs=2, iterations_per_epoch=3, val_interval=1, batch_size=2)
+
+
+def configs(bundle: str) -> Path:
+    return REPO / "bundles" / bundle / "configs"
+
+
+def demo_override(bundle: str, name: str) -> dict:
+    return json.loads((configs(bundle) / name).read_text())
+
+
+def run_workflow(bundle: str, files: list[str], override: dict, folder: Path, workflow_type: str) -> ConfigWorkflow:
+    """initialize -> check_properties() == [] -> run -> finalize, `override` given as the last config file."""
+    path = folder / f"override_{len(list(folder.glob('override_*')))}.json"
+    path.write_text(json.dumps(override))
+    workflow = ConfigWorkflow(config_file=[str(configs(bundle) / f) for f in files] + [str(path)],
+                              workflow_type=workflow_type)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLES))
+def trained(request, tmp_path_factory):
+    """A bundle trained for a few iterations on its demo data (prepared once per bundle)."""
+    bundle = request.param
+    folder = tmp_path_factory.mktemp(bundle)
+    from bundles.common import prepare_demo
+
+    work = prepare_demo(BUNDLES[bundle]["kind"], folder / "work")
+    override = demo_override(bundle, "demo.json")
+    override.update(TINY, dataset_dir=work, ckpt_dir=str(folder / "models"), output_dir=str(folder / "eval"))
+    run_workflow(bundle, ["train.json"], override, folder, "train")
+    return bundle, folder, override
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_metadata_matches_schema_offline(tmp_path, bundle):
+    schema = tmp_path / "schema.json"
+    shutil.copy(shared_path("monai", "meta_schema_20240725.json"), schema)
+    verify_metadata(meta_file=str(configs(bundle) / "metadata.json"), filepath=str(schema))
+    meta = json.loads((configs(bundle) / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert [v for _, v in sorted(channel_def.items())][-len(BUNDLES[bundle]["regions"]):] == BUNDLES[bundle]["regions"]
+    assert isinstance(meta["supported_apps"], dict)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_network_in_out_matches_metadata(bundle):
+    # the demo's reduced network and patch; the structure and channel counts are the default's
+    demo = demo_override(bundle, "demo.json")
+    override = {k: demo[k] for k in ("network_options", "method_options", "patch_size")}
+    override["_meta_#network_data_format#inputs#image#spatial_shape"] = demo["patch_size"]
+    verify_net_in_out(net_id="network_def", meta_file=str(configs(bundle) / "metadata.json"),
+                      config_file=str(configs(bundle) / "train.json"), device="cpu", **override)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_train_without_dataset_says_what_to_do(tmp_path, bundle):
+    for dataset_dir, expected in ((None, "demo.json"), (str(tmp_path / "nope"), "does not exist")):
+        workflow = ConfigWorkflow(config_file=str(configs(bundle) / "train.json"), workflow_type="train",
+                                  dataset_dir=dataset_dir)
+        workflow.initialize()
+        with pytest.raises(Exception) as error:
+            workflow.parser.get_parsed_content("work")
+        assert expected in repr(error.value.__cause__ or error.value)
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_and_metrics(trained):
+    bundle, folder, _ = trained
+    assert (folder / "models" / "model.pt").is_file()
+    assert list((folder / "models").glob("last_*.pt"))
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    assert BUNDLES[bundle]["metrics"] <= set(metrics)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_per_case_table(trained):
+    bundle, folder, override = trained
+    override = dict(override, output_dir=str(folder / "evaluation"), evaluate_split="all")
+    run_workflow(bundle, ["train.json", "evaluate.json"], override, folder, "train")
+    with open(folder / "evaluation" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    n_cases = len(list((Path(override["dataset_dir"]) / "preprocessed").glob("*_seg.npy")))
+    assert [r["case_id"] for r in rows[:-1]] == sorted(r["case_id"] for r in rows[:-1]) and len(rows) == n_cases + 1
+    assert rows[-1]["case_id"] == "mean"
+    for name in BUNDLES[bundle]["regions"]:
+        values = [float(r[f"dice_{name}"]) for r in rows[:-1]]
+        assert all(0.0 <= v <= 1.0 for v in values)
+        assert float(rows[-1][f"dice_{name}"]) == pytest.approx(np.mean(values), abs=1e-5)
+    summary = json.loads((folder / "evaluation" / "evaluation.json").read_text())
+    assert BUNDLES[bundle]["metrics"] <= set(summary)
+
+
+def _inference_override(bundle: str, folder: Path, **extra) -> dict:
+    override = demo_override(bundle, "demo_inference.json")
+    override.update(dataset_dir=str(folder / "work"), ckpt_dir=str(folder / "models"),
+                    output_dir=str(folder / "predictions"))
+    override.update(extra)
+    return override
+
+
+@pytest.mark.slow
+def test_inference_writes_predictions_in_input_geometry(trained):
+    bundle, folder, _ = trained
+    run_workflow(bundle, ["inference.json"], _inference_override(bundle, folder, tta=True), folder, "infer")
+    predictions = sorted((folder / "predictions").glob("*.nii.gz"))
+    from bundles.inference import inference_datalist
+
+    cases = inference_datalist(folder / "work")
+    assert [p.name for p in predictions] == sorted(f"{c['case_id']}.nii.gz" for c in cases)
+    for case in cases:
+        pred = nib.load(str(folder / "predictions" / f"{case['case_id']}.nii.gz"))
+        image = nib.load(case["image"][0])
+        assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= BUNDLES[bundle]["values"]
+
+
+@pytest.mark.slow
+def test_inference_bad_inputs_name_the_file(trained, tmp_path):
+    bundle, folder, _ = trained
+    from bundles.inference import inference_datalist
+
+    channels = inference_datalist(folder / "work")[0]["image"]
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n")
+    bad_cases = [([str(tmp_path / "scan.png")] * len(channels), "scan.png: not a NIfTI file"),
+                 ([*channels[:-1], str(tmp_path / "missing.nii.gz")], "missing.nii.gz: file not found")]
+    if len(channels) > 1:
+        bad_cases.append((channels[:-1], f"the plan expects {len(channels)} channel"))
+    else:
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), str(tmp_path / "two.nii.gz"))
+        bad_cases.append(([str(tmp_path / "two.nii.gz")], "expected a 3D volume"))
+    for images, message in bad_cases:
+        with pytest.raises(Exception) as error:
+            run_workflow(bundle, ["inference.json"], _inference_override(bundle, folder, images=[images],
+                                                                          output_dir=str(tmp_path / "out")),
+                         tmp_path, "infer")
+        chain, e = [], error.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        assert any(message in text for text in chain), (message, chain)
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_runs_two_gloo_processes(trained):
+    bundle, folder, override = trained
+    override = dict(override, epochs=1, ckpt_dir=str(folder / "ddp_models"), output_dir=str(folder / "ddp_eval"),
+                    num_workers=0)
+    path = folder / "ddp_override.json"
+    path.write_text(json.dumps(override))
+    files = [str(configs(bundle) / "train.json"), str(configs(bundle) / "multi_gpu_train.json"), str(path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
+                             "--config_file", json.dumps(files)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (folder / "ddp_models" / "model.pt").is_file()
+    metrics = json.loads((folder / "ddp_eval" / "metrics.json").read_text())
+    assert BUNDLES[bundle]["metrics"] <= set(metrics)
