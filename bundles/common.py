@@ -7,11 +7,14 @@ MONAI does not have live here.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine
+from monai.transforms import MapTransform
 
 from preprocessing.io import DataError
 
@@ -52,19 +55,64 @@ def datalist(work: str | Path, split: str, val_fraction: float = 0.2) -> list[di
     return [{"image": str(folder / f"{i}.npy"), "label": str(folder / f"{i}_seg.npy"), "case_id": i} for i in chosen]
 
 
-def plan_spacing(work: str | Path) -> list[float]:
+def training_plan(dataset_dir: str | None, ckpt_dir: str, kind: str, bundle: str) -> str:
+    """The plan to train with: the work folder's or, without dataset_dir (MONAI Label, fine-tuning a trained
+    bundle), the one saved next to the model."""
+    if dataset_dir:
+        return str(require_dataset(dataset_dir, kind, bundle) / "preprocessed" / "plan.json")
+    saved = Path(ckpt_dir) / "plan.json"
+    if saved.is_file():
+        return str(saved)
+    raise DataError(NO_DATASET.format(kind=kind, bundle=bundle))
+
+
+def plan_spacing(plan_file: str | Path) -> list[float]:
     """The preprocessed grid's voxel size (z, y, x) in mm, so distances are reported in mm."""
     from preprocessing.planning import load_plan
 
-    return [float(s) for s in load_plan(Path(work) / "preprocessed" / "plan.json")["spacing"]]
+    return [float(s) for s in load_plan(plan_file)["spacing"]]
 
 
-def load_transforms(label_transforms: Sequence = ()) -> list:
-    """Preprocessed .npy (channel first) -> tensors; -1 (outside the nonzero mask) becomes background."""
-    from monai.data import NumpyReader
-    from monai.transforms import EnsureTyped, LoadImaged, ThresholdIntensityd
+def case_id_of(path: str | Path) -> str:
+    """Case id from an image file name, without the NIfTI ending and nnU-Net's channel suffix (_0000)."""
+    from preprocessing.io import strip_ending
 
-    return [LoadImaged(keys=["image", "label"], reader=NumpyReader(channel_dim=0), image_only=True),
+    name = strip_ending(Path(path).name)
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+class LoadCased(MapTransform):
+    """A training case: preprocessed ``.npy`` files (the preprocessing stage's output) as they are, or raw NIfTI
+    image(s) and label map (MONAI Label's datastore) preprocessed on the fly with the plan."""
+
+    def __init__(self, plan_file: str | Path | None = None, image_key: str = "image", label_key: str = "label"):
+        super().__init__([image_key, label_key])
+        self.plan_file, self.image_key, self.label_key = plan_file, image_key, label_key
+        self._plan = None
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image, label = d[self.image_key], d[self.label_key]
+        if isinstance(image, (str, Path)) and str(image).endswith(".npy"):
+            d[self.image_key], d[self.label_key] = np.load(image), np.load(label)
+            return d
+        from preprocessing.planning import load_plan
+        from preprocessing.preprocessor import preprocess_labelled_images
+
+        if self.plan_file is None:
+            raise DataError(f"{image}: raw NIfTI training cases need the plan (plan_file)")
+        self._plan = self._plan or load_plan(self.plan_file)
+        images = [image] if isinstance(image, (str, Path)) else list(image)
+        d[self.image_key], d[self.label_key] = preprocess_labelled_images(images, label, self._plan)
+        d.setdefault("case_id", case_id_of(images[0]))
+        return d
+
+
+def load_transforms(label_transforms: Sequence = (), plan_file: str | Path | None = None) -> list:
+    """A case -> tensors, channel first; -1 (outside the nonzero mask) becomes background."""
+    from monai.transforms import EnsureTyped, ThresholdIntensityd
+
+    return [LoadCased(plan_file),
             ThresholdIntensityd(keys="label", threshold=0, above=True, cval=0),
             *label_transforms,
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False)]
@@ -120,8 +168,9 @@ class TrainingCheckpoint:
     One handler for both, so the config need not reference the trainer from its own handlers.
     """
 
-    def __init__(self, ckpt_dir: str, network, optimizer, lr_scheduler=None, prefix: str = "last"):
-        self.ckpt_dir, self.prefix = Path(ckpt_dir), prefix
+    def __init__(self, ckpt_dir: str, network, optimizer, lr_scheduler=None, prefix: str = "last",
+                 plan_file: str | Path | None = None):
+        self.ckpt_dir, self.prefix, self.plan_file = Path(ckpt_dir), prefix, plan_file
         self.objects = {"network": network, "optimizer": optimizer}
         if lr_scheduler is not None:
             self.objects["lr_scheduler"] = lr_scheduler
@@ -134,12 +183,26 @@ class TrainingCheckpoint:
         from monai.handlers import CheckpointLoader, CheckpointSaver
 
         objects = dict(self.objects, trainer=engine)
+        self._keep_plan()
         latest = self.latest()
         if latest is not None:
             logger.info(f"resuming from {latest}")
             CheckpointLoader(str(latest), objects, map_location="cpu").attach(engine)
         CheckpointSaver(str(self.ckpt_dir), objects, file_prefix=self.prefix, save_interval=1, n_saved=1,
                         epoch_level=True).attach(engine)
+
+
+    def _keep_plan(self) -> None:
+        """The plan travels with the model: inference and MONAI Label preprocess new images with it."""
+        if self.plan_file is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
+            return
+        from preprocessing.io import atomic_path
+
+        target = self.ckpt_dir / "plan.json"
+        if Path(self.plan_file).resolve() != target.resolve():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(self.plan_file, tmp)
 
 
 def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:

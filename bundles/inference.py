@@ -21,39 +21,49 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, SaveImaged
 
-from preprocessing.io import DataError, Geometry, strip_ending, write_volume
+from preprocessing.io import DataError, Geometry, write_volume
+
+from .common import case_id_of
 
 logger = logging.getLogger("medtuning")
 
 
-def _plan(work: str | Path) -> dict:
+def _plan(plan_file: str | Path) -> dict:
     from preprocessing.planning import load_plan
 
-    return load_plan(Path(work) / "preprocessed" / "plan.json")
+    return load_plan(plan_file)
 
 
-def inference_datalist(work: str | Path, images: Sequence | str | None = None) -> list[dict]:
+def inference_plan(ckpt_dir: str | Path, dataset_dir: str | Path | None = None) -> str:
+    """The plan the model was trained with: saved next to it by training, else the work folder's."""
+    for path in (Path(ckpt_dir) / "plan.json", Path(dataset_dir) / "preprocessed" / "plan.json" if dataset_dir else None):
+        if path is not None and path.is_file():
+            return str(path)
+    raise DataError(f"{Path(ckpt_dir) / 'plan.json'}: no plan next to the model; train first, or set --dataset_dir "
+                    f"to the preprocessing work folder the model was trained on")
+
+
+def inference_datalist(dataset_dir: str | Path | None, images: Sequence | str | None = None) -> list[dict]:
     """Cases to predict: ``images`` (a file, a list of cases, each a file or a list of channel files) or,
-    when not given, the raw dataset's unlabelled ``imagesTs`` cases."""
+    when not given, the unlabelled ``imagesTs`` cases of the work folder's raw dataset."""
     from preprocessing.dataset import RawDataset
 
     if images is None:
-        cases = [[str(p) for p in case.images] for case in RawDataset.open(Path(work) / "raw").test_cases()]
+        if not dataset_dir:
+            raise DataError("no images to predict: set --images (a file, or a list of cases, each a file or a list "
+                            "of channel files), or --dataset_dir WORK to predict its raw imagesTs cases")
+        if not Path(dataset_dir).is_dir():
+            raise DataError(f"{dataset_dir}: dataset_dir does not exist")
+        cases = [[str(p) for p in case.images] for case in RawDataset.open(Path(dataset_dir) / "raw").test_cases()]
         if not cases:
-            raise DataError(f"{Path(work) / 'raw'}: no imagesTs cases; set `images` to the files to predict")
+            raise DataError(f"{Path(dataset_dir) / 'raw'}: no imagesTs cases; set `images` to the files to predict")
     elif isinstance(images, (str, Path)):
         cases = [[str(images)]]
     else:
         cases = [[str(c)] if isinstance(c, (str, Path)) else [str(p) for p in c] for c in images]
     if not cases:
         raise DataError("`images` is empty: give a file, or a list of cases (each a file or a list of channel files)")
-    return [{"image": case, "case_id": _case_id(case[0])} for case in cases]
-
-
-def _case_id(path: str) -> str:
-    name = strip_ending(Path(path).name)
-    # nnU-Net channel suffix (_0000); a 4D file keeps its whole name
-    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+    return [{"image": case, "case_id": case_id_of(case[0])} for case in cases]
 
 
 class PlanPreprocessd(MapTransform):
@@ -64,9 +74,9 @@ class PlanPreprocessd(MapTransform):
     collate/decollate unchanged); the tensor's meta holds the input's shape and affine for MONAI Label.
     """
 
-    def __init__(self, keys: KeysCollection, work: str | Path, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, plan_file: str | Path, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan = _plan(work)
+        self.plan = _plan(plan_file)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from preprocessing.preprocessor import preprocess_images
@@ -139,10 +149,10 @@ class ToOriginalGridd(MapTransform):
     """(1, z, y, x) labels on the preprocessed grid -> (1, ...) uint8/uint16 on the input's own voxel grid (file
     axis order) with the dataset's label values and the input's affine."""
 
-    def __init__(self, keys: KeysCollection, work: str | Path, properties_key: str = "image_properties",
+    def __init__(self, keys: KeysCollection, plan_file: str | Path, properties_key: str = "image_properties",
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan, self.properties_key = _plan(work), properties_key
+        self.plan, self.properties_key = _plan(plan_file), properties_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from preprocessing.inverse import labels_to_original, to_dataset_values
@@ -178,7 +188,7 @@ class SavePredictiond(SaveImaged):
         d = dict(data)
         properties = json.loads(d[self.properties_key])
         geometry = Geometry.from_json(properties["geometry"])
-        case = d.get(self.case_key) or _case_id(properties["images"][0])
+        case = d.get(self.case_key) or case_id_of(properties["images"][0])
         for key in self.key_iterator(d):
             labels = torch.as_tensor(d[key]).cpu().numpy()[0]
             path = write_volume(self.output_dir / f"{case}.nii.gz", np.transpose(labels, geometry.axes), geometry,

@@ -136,10 +136,10 @@ class RegionMetrics:
         return out
 
 
-def report(evaluator: Engine, output_dir: str | Path, name: str = "metrics") -> dict:
+def report(evaluator: Engine, output_dir: str | Path, name: str = "metrics", title: str = "final validation") -> dict:
     """Print the evaluator's last metrics and write them to OUTPUT/NAME.json (rank 0 only)."""
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
     if metrics and (not _distributed() or torch.distributed.get_rank() == 0):
-        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        print(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         save_json(Path(output_dir) / f"{name}.json", metrics)
     return metrics

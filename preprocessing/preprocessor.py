@@ -104,6 +104,38 @@ def preprocess_images(images: list[str | Path], plan: dict, backend: str | None 
     return data, properties
 
 
+def to_raw_labels(seg: np.ndarray, plan: dict, path: str | Path) -> np.ndarray:
+    """A label map in the dataset's own values (BraTS 0/1/2/4) or already in the plan's consecutive ones -> the
+    plan's. Both agree wherever a value is in both lists; anything else is an error naming the file."""
+    raw_values = sorted(int(v) for v in plan["labels"].values())
+    original = [int(v) for v in (plan.get("original_label_values") or raw_values)]
+    lookup = {v: v for v in raw_values}
+    lookup.update({o: r for o, r in zip(original, raw_values)})
+    present = [int(v) for v in np.unique(seg)]
+    unknown = [v for v in present if v not in lookup]
+    if unknown:
+        raise DataError(f"{path}: label value(s) {unknown} are not among the dataset's {sorted(set(original))}")
+    out = np.zeros(seg.shape, dtype=np.int16)
+    for v in present:
+        out[seg == v] = lookup[v]
+    return out
+
+
+def preprocess_labelled_images(images: list[str | Path], label: str | Path, plan: dict, backend: str | None = None):
+    """Images and label map of a case that is not in the preprocessed set (MONAI Label's datastore) -> the
+    plan's preprocessed (c, z, y, x) data and (1, z, y, x) labels, as training reads them."""
+    backend = backend or plan.get("resampling_backend", "fast")
+    data, geometry = read_image_channels([Path(p) for p in images], plan)
+    seg, seg_geometry = read_volume(label)
+    if not seg_geometry.same_grid(geometry):
+        raise DataError(f"{label}: label map shape/affine {seg_geometry.shape} does not match the image "
+                        f"{images[0]} {geometry.shape}")
+    seg = to_raw_labels(seg, plan, label)[None]
+    data, seg, _ = preprocess_arrays(data, seg, geometry.spacing, plan, backend=backend, foreground_classes=[],
+                                     copy=False)
+    return data, seg
+
+
 def preprocess_case(case: CaseFiles, plan: dict, output: str | Path, backend: str) -> str:
     data, seg, geometry = read_case(case, len(plan["channel_names"]), plan["labels"])
     data, seg, properties = preprocess_arrays(data, seg, geometry.spacing, plan, backend=backend, copy=False)

@@ -199,3 +199,134 @@ def test_multi_gpu_train_runs_two_gloo_processes(trained):
     assert (folder / "ddp_models" / "model.pt").is_file()
     metrics = json.loads((folder / "ddp_eval" / "metrics.json").read_text())
     assert BUNDLES[bundle]["metrics"] <= set(metrics)
+
+
+def _raw_cases(work: Path) -> list[dict]:
+    """The demo's labelled raw cases as MONAI Label's datastore lists them (image file(s) + label map)."""
+    from preprocessing.dataset import RawDataset
+
+    cases = RawDataset.open(work / "raw").training_cases()
+    return [{"image": [str(p) for p in c.images] if len(c.images) > 1 else str(c.images[0]), "label": str(c.label)}
+            for c in cases]
+
+
+@pytest.mark.slow
+def test_monailabel_style_train_and_infer_without_dataset_dir(trained, tmp_path):
+    """What MONAI Label does with a bundle, without monailabel: bundle_root set, raw NIfTI datalists put into
+    train#dataset#data / validate#dataset#data, no dataset_dir (the plan comes from models/plan.json), and
+    inference through the config's preprocessing -> inferer -> postprocessing without its writer."""
+    bundle, folder, override = trained
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, SaveImaged
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("model.pt", "plan.json"):
+        shutil.copy(folder / "models" / name, models / name)
+    cases = _single_file_cases(_raw_cases(Path(override["dataset_dir"])), tmp_path)
+    training = {k: v for k, v in override.items() if k not in ("dataset_dir", "ckpt_dir", "output_dir")}
+    training.update({"bundle_root": str(tmp_path), "ckpt_dir": str(models), "output_dir": str(tmp_path / "eval"),
+                     "train#dataset#data": cases[:-2], "validate#dataset#data": cases[-2:], "epochs": 1})
+    run_workflow(bundle, ["train.json"], training, tmp_path, "train")
+    assert (models / "model.pt").stat().st_mtime > (folder / "models" / "model.pt").stat().st_mtime
+
+    parser = ConfigParser()
+    parser.read_config([str(configs(bundle) / "inference.json"), str(configs(bundle) / "demo_inference.json")])
+    parser.update({"bundle_root": str(tmp_path), "ckpt_dir": str(models), "dataset_dir": None})
+    from bundles.common import load_model
+    import torch
+
+    network = load_model(parser.get_parsed_content("network_def"), models / "model.pt").eval()
+    pre = parser.get_parsed_content("preprocessing")
+    post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
+    inferer = parser.get_parsed_content("inferer")
+    image = cases[0]["image"]
+    data = pre({"image": image})
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], network)[0]
+    data = Compose(post)(data)
+    reference = nib.load(image if isinstance(image, str) else image[0])
+    assert tuple(data["pred"].shape[1:]) == reference.shape[:3]
+    np.testing.assert_allclose(data["pred"].meta["original_affine"], reference.affine, atol=1e-5)
+    assert set(np.unique(data["pred"].numpy()).tolist()) <= BUNDLES[bundle]["values"]
+    assert not (tmp_path / "predictions").exists()  # the writer was dropped, as MONAI Label drops it
+
+
+def _single_file_cases(cases: list[dict], folder: Path) -> list[dict]:
+    """MONAI Label keeps one image file per case: multi-channel cases become one 4D NIfTI (channels last)."""
+    out = []
+    for case in cases:
+        image = case["image"]
+        if not isinstance(image, str):
+            first = nib.load(image[0])
+            stacked = np.stack([np.asarray(nib.load(p).dataobj) for p in image], -1)
+            image = str(folder / Path(case["label"]).name)
+            nib.save(nib.Nifti1Image(stacked, first.affine), image)
+        out.append({"image": image, "label": case["label"]})
+    return out
+
+
+@pytest.mark.slow
+def test_monailabel_bundle_tasks(trained, tmp_path):
+    """monailabel's own BundleInferTask and BundleTrainTask on a copy of the bundle (skipped without monailabel,
+    which is not in the core requirements: it pins other torch/numpy versions)."""
+    pytest.importorskip("monailabel")
+    from monai.bundle import ConfigParser
+    from monailabel.tasks.infer.bundle import BundleInferTask
+    from monailabel.tasks.train.bundle import BundleTrainTask
+
+    bundle, folder, override = trained
+    copy = tmp_path / bundle
+    shutil.copytree(REPO / "bundles" / bundle, copy,
+                    ignore=shutil.ignore_patterns("work", "models", "eval", "predictions"))
+    # MONAI Label passes only its own overrides, so the copy's configs carry the demo's reduced network and budget
+    for config, demo in (("train.json", "demo.json"), ("inference.json", "demo_inference.json")):
+        parser = ConfigParser()
+        parser.read_config([str(configs(bundle) / config)])
+        small = {k: v for k, v in demo_override(bundle, demo).items()
+                 if k not in ("dataset_dir", "ckpt_dir", "output_dir")}
+        if config == "train.json":
+            small.update({k: v for k, v in TINY.items()}, epochs=1)
+        parser.update(small)
+        ConfigParser.export_config_file(parser.config, str(copy / "configs" / config), indent=1)
+    (copy / "models").mkdir()
+    for name in ("model.pt", "plan.json"):
+        shutil.copy(folder / "models" / name, copy / "models" / name)
+    data_folder = tmp_path / "datastore"
+    data_folder.mkdir()
+    cases = _single_file_cases(_raw_cases(Path(override["dataset_dir"])), data_folder)
+
+    infer = BundleInferTask(str(copy), {})
+    assert infer.is_valid()
+    label_file, _ = infer({"image": cases[0]["image"], "device": "cpu"})
+    pred, image = nib.load(label_file), nib.load(cases[0]["image"])
+    assert pred.shape == image.shape[:3] and np.allclose(pred.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= BUNDLES[bundle]["values"]
+
+    class Datastore:
+        def datalist(self):
+            return cases
+
+    before = (copy / "models" / "model.pt").stat().st_mtime
+    train = BundleTrainTask(str(copy), {})
+    assert train.is_valid()
+    train({"model": bundle, "max_epochs": 1, "val_split": 0.2, "device": "cpu", "multi_gpu": False,
+           "pretrained": True}, Datastore())
+    assert (copy / "models" / "model.pt").stat().st_mtime > before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle,metric", [("medtuning_brats", "dice_WT"), ("medtuning_kits", "dice_kidney")])
+def test_readme_demo_reaches_its_dice(tmp_path, bundle, metric):
+    """The README's demo command as a user runs it (work folders moved to tmp): Dice >= 0.6 on 2 CPU cores."""
+    root = REPO / "bundles" / bundle / "configs"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               json.dumps([str(root / "train.json"), str(root / "demo.json")]),
+               "--dataset_dir", f"$bundles.common.prepare_demo(@dataset_kind, '{tmp_path / 'work'}')",
+               "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final validation" in result.stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics[metric] >= 0.6, metrics
