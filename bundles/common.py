@@ -149,9 +149,17 @@ class PatchDataset(torch.utils.data.Dataset):
 
 def build_bundle_network(backbone: str, method: str, pretrained: str | None, method_options: dict | None,
                          in_channels: int, num_classes: int, patch_size: Sequence[int], options: dict | None = None):
-    """The Med-Tuning network for patches (D, H, W): D slices of H x W."""
-    from networks import build_network
+    """The Med-Tuning network for patches (D, H, W): D slices of H x W.
 
+    ``method_options`` is either the chosen method's options, or options per method name
+    (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods.
+    """
+    from networks import build_network
+    from networks.pet import available_methods
+
+    method_options = dict(method_options or {})
+    if method_options and set(method_options) <= set(available_methods()):
+        method_options = dict(method_options.get(method) or {})
     options = dict(options or {})
     if backbone in ("vit_b16_upernet", "swin_unet"):
         options.setdefault("img_size", int(patch_size[1]))

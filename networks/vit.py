@@ -146,7 +146,9 @@ class VisionTransformer(nn.Module):
 
     def tokens_to_map(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """Patch tokens ``(B, prefix + h*w, C)`` to a feature map ``(B, C, h, w)``."""
-        x = x[:, self.num_prefix_tokens :]
+        # prompt tokens a PET method inserted count as prefix too (the shared context knows them)
+        prefix = self.context.num_prefix_tokens if self.context is not None else self.num_prefix_tokens
+        x = x[:, prefix:]
         return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
 
     def forward_intermediates(

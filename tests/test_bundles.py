@@ -330,3 +330,32 @@ def test_readme_demo_reaches_its_dice(tmp_path, bundle, metric):
     assert "final validation" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics[metric] >= 0.6, metrics
+
+
+@pytest.mark.slow
+def test_study_writes_table_and_plot_and_resumes(tmp_path):
+    from bundles.study import main as study
+
+    args = ["--bundle", "medtuning_kits", "--methods", "head,lora,med_adapter", "--work", str(tmp_path),
+            "--epochs", "1", "--iterations", "2"]
+    assert study(args) == 0
+    with open(tmp_path / "study.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["head", "lora", "med_adapter"]
+    for row in rows.values():
+        assert 0 < int(row["tuned_params"]) and 0 <= float(row["dice_mean"]) <= 1
+        assert float(row["peak_memory_mb"]) > 0 and float(row["step_time_s"]) > 0 and float(row["inference_time_s"]) > 0
+        assert {"dice_kidney", "dice_tumor"} <= set(row)
+    assert int(rows["head"]["inserted_params"]) == 0 < int(rows["lora"]["inserted_params"])
+    assert int(rows["med_adapter"]["tuned_params"]) == int(rows["head"]["tuned_params"]) + int(
+        rows["med_adapter"]["inserted_params"])
+    table = (tmp_path / "study.md").read_text()
+    assert "| med_adapter |" in table and "Budget: 1 epochs x 2 iterations" in table
+    png = (tmp_path / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # resumable: finished methods are not trained again; a new method is
+    stamps = {m: (tmp_path / m / "result.json").stat().st_mtime for m in rows}
+    assert study(args[:3] + ["head,lora,med_adapter,adaptformer"] + args[4:]) == 0
+    assert all((tmp_path / m / "result.json").stat().st_mtime == t for m, t in stamps.items())
+    with open(tmp_path / "study.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["head", "lora", "med_adapter", "adaptformer"]

@@ -1,7 +1,10 @@
 """Parameter-efficient tuning methods, one file each, behind one interface (:mod:`.base`)."""
 
-from . import full, head, med_adapter, scratch  # noqa: F401  (registers the methods)
+# importing the method modules registers them
+from . import adapter, adaptformer, full, head, lora, med_adapter, pro_tuning, scratch, ssf, st_adapter, vpt
 from .base import AdapterSite, PETMethod, PETState, apply_method, available_methods, get_method, register_method
+from .lora import merge_lora, unmerge_lora
 
 __all__ = ["AdapterSite", "PETMethod", "PETState", "apply_method", "available_methods", "get_method",
-           "register_method"]
+           "register_method", "merge_lora", "unmerge_lora", "adapter", "adaptformer", "full", "head", "lora",
+           "med_adapter", "pro_tuning", "scratch", "ssf", "st_adapter", "vpt"]

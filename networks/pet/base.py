@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-__all__ = ["AdapterSite", "PETMethod", "PETState", "register_method", "get_method", "available_methods",
+__all__ = ["AdapterSite", "PETMethod", "InsertingMethod", "PETState", "register_method", "get_method", "available_methods",
            "apply_method", "module_names", "freeze_modules"]
 
 
@@ -69,6 +69,27 @@ class PETMethod(ABC):
     @abstractmethod
     def inject(self, model: nn.Module, config: Any) -> PETState:
         """Insert the method's modules into ``model`` and set ``requires_grad``; return its state."""
+
+
+class InsertingMethod(PETMethod):
+    """A method that freezes the backbone's pretrained parts and inserts modules of its own.
+
+    Subclasses implement :meth:`insert`, which builds the modules, hooks them into the network and
+    returns them; they are kept as ``model.<attribute>`` (default: the method's name), which is how
+    summaries and tuned-only checkpoints find them.
+    """
+
+    attribute: ClassVar[str | None] = None
+
+    @abstractmethod
+    def insert(self, model: nn.Module, config: Any) -> nn.Module:
+        """Build the method's modules for ``model``, attach them (hooks) and return them."""
+
+    def inject(self, model: nn.Module, config: Any) -> PETState:
+        frozen = freeze_modules(model, model.frozen_modules())
+        attribute = self.attribute or self.name
+        setattr(model, attribute, self.insert(model, config))
+        return PETState(self.name, vars(config).copy(), frozen=frozen, inserted=[attribute])
 
 
 _METHODS: dict[str, type[PETMethod]] = {}

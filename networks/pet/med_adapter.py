@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..context import SliceContext
-from .base import AdapterSite, PETMethod, PETState, freeze_modules, register_method
+from .base import AdapterSite, InsertingMethod, register_method
+from .layers import OutputHook, PatchTokenModule, tokens_to_volume, volume_to_tokens
 
 __all__ = ["MedAdapterConfig", "MedAdapter", "FrequencyFilter", "DepthwiseBranch", "MedAdapterMethod"]
 
@@ -83,7 +84,7 @@ class DepthwiseBranch(nn.Sequential):
         )
 
 
-class MedAdapter(nn.Module):
+class MedAdapter(PatchTokenModule):
     """One Med-Adapter; see the module docstring. Input and output in the site's token layout."""
 
     def __init__(self, site: AdapterSite, context: SliceContext, config: MedAdapterConfig) -> None:
@@ -111,23 +112,6 @@ class MedAdapter(nn.Module):
         self.up_projection = nn.Linear(hidden, site.dim)
         self.act = nn.GELU()
 
-    def to_volume(self, z: torch.Tensor) -> torch.Tensor:
-        """Bottleneck tokens -> ``(B, C', D, h, w)``."""
-        ctx = self.context
-        if self.layout == "ndhwc":
-            return z.permute(0, 4, 1, 2, 3)
-        depth = ctx.depth
-        if not depth or z.shape[0] % depth:
-            raise ValueError(f"{z.shape[0]} slices cannot be regrouped into volumes of {depth} slices")
-        if self.layout == "tokens":
-            h, w = ctx.grid
-            z = z.reshape(z.shape[0], h, w, z.shape[-1])
-        return z.reshape(z.shape[0] // depth, depth, *z.shape[1:]).permute(0, 4, 1, 2, 3)
-
-    def from_volume(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        v = v.permute(0, 2, 3, 4, 1)
-        return v if self.layout == "ndhwc" else v.reshape(like.shape)
-
     def inter_stage_map(self, local: torch.Tensor) -> torch.Tensor:
         prev = self.context.stage_map
         if prev is None:
@@ -143,40 +127,25 @@ class MedAdapter(nn.Module):
         self.context.stage_map = fused
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prefix = self.context.num_prefix_tokens if self.layout == "tokens" else 0
-        tokens = x[:, prefix:] if prefix else x
+    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
         z = self.act(self.down_projection(tokens))
-        v = self.to_volume(z)
+        v = tokens_to_volume(z, self.layout, self.context)
         local = sum(branch(v) for branch in self.branches) + self.global_filter(v)
         local = self.mix(local.to(v.dtype))
         if self.inter_stage:
             local = self.inter_stage_map(local)
-        z = self.from_volume(v + local, z)
-        out = tokens + self.act(self.up_projection(z))
-        return torch.cat([x[:, :prefix], out], dim=1) if prefix else out
-
-
-class _AdapterHook:
-    """Forward hook replacing a block's output by the adapter's; an object (not a closure) so that
-    ``copy.deepcopy`` of the network rebinds it to the copied adapter."""
-
-    def __init__(self, adapter: MedAdapter) -> None:
-        self.adapter = adapter
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self.adapter(output)
+        z = volume_to_tokens(v + local, z, self.layout)
+        return tokens + self.act(self.up_projection(z))
 
 
 @register_method
-class MedAdapterMethod(PETMethod):
+class MedAdapterMethod(InsertingMethod):
     name = "med_adapter"
     config_class = MedAdapterConfig
 
-    def inject(self, model: nn.Module, config: MedAdapterConfig) -> PETState:
-        frozen = freeze_modules(model, model.frozen_modules())
+    def insert(self, model: nn.Module, config: MedAdapterConfig) -> nn.Module:
         sites = model.adapter_sites()
-        model.med_adapter = nn.ModuleList(MedAdapter(site, model.context, config) for site in sites)
-        for site, adapter in zip(sites, model.med_adapter):
-            site.module.register_forward_hook(_AdapterHook(adapter))
-        return PETState(self.name, vars(config).copy(), frozen=frozen, inserted=["med_adapter"])
+        adapters = nn.ModuleList(MedAdapter(site, model.context, config) for site in sites)
+        for site, adapter in zip(sites, adapters):
+            site.module.register_forward_hook(OutputHook(adapter))
+        return adapters
