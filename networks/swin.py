@@ -47,6 +47,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
+        self.num_prefix_tokens = 0  # prompt tokens a PET method puts before each window's tokens (VPT)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_bias(self) -> torch.Tensor:
@@ -60,8 +61,11 @@ class WindowAttention(nn.Module):
         bias = self.relative_bias().to(q.dtype)
         if mask is not None:
             nw = mask.shape[0]
-            bias = (bias + mask.to(q.dtype).view(1, nw, 1, n, n)).expand(b // nw, -1, -1, -1, -1)
-            bias = bias.reshape(b, -1, n, n)
+            bias = (bias + mask.to(q.dtype).view(1, nw, 1, n - self.num_prefix_tokens, n - self.num_prefix_tokens))
+            bias = bias.expand(b // nw, -1, -1, -1, -1).reshape(b, -1, *bias.shape[-2:])
+        if self.num_prefix_tokens:  # prompts: no position bias, never masked
+            p = self.num_prefix_tokens
+            bias = F.pad(bias, (p, 0, p, 0))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
