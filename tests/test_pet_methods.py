@@ -14,13 +14,13 @@ from networks.summary import build_for_summary, parameter_summary
 
 from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, shared_path
 
-BASELINES = ["adapter", "adaptformer", "lora", "pro_tuning", "ssf", "st_adapter", "vpt_deep", "vpt_shallow"]
+BASELINES = ["adapter", "adaptformer", "dvpt", "lora", "pro_tuning", "ssf", "st_adapter", "vpt_deep", "vpt_shallow"]
 SLICE_ONLY = {"st_adapter", "pro_tuning"}  # need a 2D backbone read slice by slice
 PROMPTS = {"vpt_shallow", "vpt_deep"}  # 2D backbones only
 NETWORKS = {"vit_b16_upernet": (TINY_VIT, (1, 4, 8, 32, 32)), "swin_unet": (TINY_SWIN, (1, 4, 8, 64, 64)),
             "swinunetr": (TINY_SWINUNETR, (1, 1, 64, 64, 64))}
 # methods whose fresh model computes exactly what the frozen backbone computes
-IDENTITY_AT_START = ["adapter", "adaptformer", "lora", "pro_tuning", "ssf", "st_adapter"]
+IDENTITY_AT_START = ["adapter", "adaptformer", "dvpt", "lora", "pro_tuning", "ssf", "st_adapter"]
 CASES = [(m, n) for m in BASELINES for n in NETWORKS
          if not (n == "swinunetr" and m in SLICE_ONLY | PROMPTS)]
 
@@ -97,3 +97,13 @@ def test_paper_counts(name, method):
     assert summary["tuned"] == head + summary["inserted"]
     # the reference's rounding note: one row adds the rounded inserted figure to the rounded head figure
     assert row["tuned"] in (round(summary["tuned"] / 1e6, 3), round(round(head / 1e6, 3) + row["inserted"], 3))
+
+
+@pytest.mark.parametrize("share_every,expected_modules", [(1, 4), (2, 2), (4, 1)])
+def test_dvpt_sharing_and_count(share_every, expected_modules):
+    net, _ = build("vit_b16_upernet", "dvpt", bottleneck=8, num_prompts=5, share_every=share_every)
+    assert len(net.dvpt) == expected_modules
+    c, r, m = TINY_VIT["embed_dim"], 8, 5
+    assert parameter_summary(net)["inserted"] == expected_modules * (2 * c * r + r + c + m * r)
+    swin, _ = build("swin_unet", "dvpt", share_every=2)  # never shared across stages of different width
+    assert len(swin.dvpt) == len(swin.backbone.layers)
