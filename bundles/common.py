@@ -227,10 +227,22 @@ def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Mod
 DEMO = {
     "brats": dict(cases=10, held_out=2, shape=(64, 64, 48)),
     "kits19": dict(cases=10, held_out=2, size=96, slices=(24, 32), inplane=(1.6, 1.9), thickness=(3.0, 3.0)),
+    # MSD tasks at about a fifth of their in-plane size, same field of view
+    "msd": dict(cases=10, held_out=2, shape=(64, 64, 32), spacing=(6.0, 6.0, 5.0)),
 }
 
+# foreground classes of the MSD tasks the MSD bundle covers (MSD dataset.json "labels", background left out)
+MSD_TASK_LABELS = {"Task02_Heart": ["left_atrium"], "Task06_Lung": ["tumour"], "Task09_Spleen": ["spleen"]}
 
-def prepare_demo(kind: str, work: str | Path) -> str:
+
+def msd_task(task: str) -> list[str]:
+    """The foreground class names of an MSD task the bundle supports; a clear error for any other."""
+    if task not in MSD_TASK_LABELS:
+        raise DataError(f"task {task!r} is not supported; choose one of {', '.join(MSD_TASK_LABELS)}")
+    return MSD_TASK_LABELS[task]
+
+
+def prepare_demo(kind: str, work: str | Path, task: str = "Task09_Spleen") -> str:
     """Synthetic data in the dataset's real layout, through the real convert -> plan -> preprocess path."""
     from preprocessing import demo
     from preprocessing.pipeline import prepare
@@ -242,9 +254,11 @@ def prepare_demo(kind: str, work: str | Path) -> str:
         if not source.exists():
             if kind == "brats":
                 demo.make_brats(source, **DEMO["brats"])
-            else:
+            elif kind == "kits19":
                 demo.make_kits19(source, **DEMO["kits19"])
-        prepare(kind, source, work, workers=2, progress=False)
+            else:
+                demo.make_msd(source, task=task, **DEMO["msd"])
+        prepare(kind, source / task if kind == "msd" else source, work, workers=2, progress=False)
     if distributed:
         torch.distributed.barrier()
     return str(work)

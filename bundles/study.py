@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ def train_one(settings: dict, out: Path) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
+    from networks.benchmark import peak_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
     from networks.summary import parameter_summary
 
     bundle = settings["bundle"]
@@ -97,8 +97,7 @@ def train_one(settings: dict, out: Path) -> dict:
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
     result = {
         "settings": settings, "key": _key(settings), **summary,
-        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_bytes() / 2**20,
         "memory_kind": "GPU max allocated" if cuda else "peak RSS of the training process",
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
         "step_time_s": sum(measured) / max(len(measured), 1),

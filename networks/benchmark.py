@@ -28,7 +28,8 @@ import torch
 
 from .models import build_network
 
-MODELS = ("vit_b16_upernet", "swin_unet")
+MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
+DEFAULT_MODELS = ("vit_b16_upernet", "swin_unet")
 TARGETS = {"memory": 0.6, "step_time": 0.8, "inference": 1.15}
 
 
@@ -49,6 +50,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _network(args: argparse.Namespace, model: str, method: str) -> torch.nn.Module:
+    if model == "swinunetr":  # native 3D: the volume's depth sizes the Med-Adapters' FFT weights
+        return build_network(model, method, in_channels=args.in_channels, num_classes=args.classes,
+                             img_size=args.slices, feature_size=args.feature_size)
     return build_network(model, method, in_channels=args.in_channels, num_classes=args.classes,
                          img_size=args.img_size, num_slices=args.slices)
 
@@ -88,7 +92,8 @@ def train_worker(args: argparse.Namespace) -> None:
 def _start_worker(args: argparse.Namespace, model: str, method: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
-           "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes)]
+           "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
+           "--feature-size", str(args.feature_size)]
     cmd += ["--amp"] if args.amp else []
     # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
     # follows live memory instead of heap fragmentation (the same for both methods).
@@ -146,7 +151,8 @@ def inference_times(args: argparse.Namespace, model: str) -> tuple[float, float]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m networks.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    parser.add_argument("--feature-size", type=int, default=48, help="SwinUNETR width (MONAI's recipes: 48)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slices", type=int, default=None, help="slices per volume (default: 128 on GPU, 32 on CPU)")
