@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                f" batch={args.batch} volume={args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
                f" amp={'bf16' if args.amp else 'off'} steps={args.steps} (+{args.warmup} warm-up)")
     print(setting)
-    if args.device == "cpu" and args.slices != 128:
+    if args.device == "cpu" and args.slices != 128 and any(m != "swinunetr" for m in args.models):
         print(f"note: CPU run with {args.slices} slices per volume instead of the paper's 128 (same network widths)")
     results = {"setting": setting, "models": {}}
     header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6}"
