@@ -26,6 +26,16 @@ NO_DATASET = ("no dataset given. Point the bundle at a preprocessing work folder
 
 
 # ------------------------------------------------------------------------------------------------- data
+def distributed() -> bool:
+    """Running as one of several torch.distributed processes (torchrun)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_main_process() -> bool:
+    """The process that writes shared files: the only one, or rank 0."""
+    return not distributed() or torch.distributed.get_rank() == 0
+
+
 def bundle_root(name: str) -> str:
     """The bundle folder next to this package, wherever the command is run from."""
     return str(Path(__file__).resolve().parent / name)
@@ -202,7 +212,7 @@ class TrainingCheckpoint:
 
     def _keep_plan(self) -> None:
         """The plan travels with the model: inference and MONAI Label preprocess new images with it."""
-        if self.plan_file is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
+        if self.plan_file is None or not is_main_process():
             return
         from preprocessing.io import atomic_path
 
@@ -248,8 +258,7 @@ def prepare_demo(kind: str, work: str | Path, task: str = "Task09_Spleen") -> st
     from preprocessing.pipeline import prepare
 
     work = Path(work)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:  # one rank writes, the others wait for it
+    if is_main_process():  # one rank writes, the others wait for it
         source = work / "source"
         if not source.exists():
             if kind == "brats":
@@ -259,6 +268,6 @@ def prepare_demo(kind: str, work: str | Path, task: str = "Task09_Spleen") -> st
             else:
                 demo.make_msd(source, task=task, **DEMO["msd"])
         prepare(kind, source / task if kind == "msd" else source, work, workers=2, progress=False)
-    if distributed:
+    if distributed():
         torch.distributed.barrier()
     return str(work)

@@ -22,16 +22,11 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, SaveImaged
 
 from preprocessing.io import DataError, Geometry, write_volume
+from preprocessing.planning import load_plan
 
 from .common import case_id_of
 
 logger = logging.getLogger("medtuning")
-
-
-def _plan(plan_file: str | Path) -> dict:
-    from preprocessing.planning import load_plan
-
-    return load_plan(plan_file)
 
 
 def inference_plan(ckpt_dir: str | Path, dataset_dir: str | Path | None = None) -> str:
@@ -76,7 +71,7 @@ class PlanPreprocessd(MapTransform):
 
     def __init__(self, keys: KeysCollection, plan_file: str | Path, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan = _plan(plan_file)
+        self.plan = load_plan(plan_file)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from preprocessing.preprocessor import preprocess_images
@@ -152,7 +147,7 @@ class ToOriginalGridd(MapTransform):
     def __init__(self, keys: KeysCollection, plan_file: str | Path, properties_key: str = "image_properties",
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan, self.properties_key = _plan(plan_file), properties_key
+        self.plan, self.properties_key = load_plan(plan_file), properties_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from preprocessing.inverse import labels_to_original, to_dataset_values

@@ -17,6 +17,8 @@ from monai.utils import convert_to_dst_type, convert_to_tensor, evenly_divisible
 
 from preprocessing.io import atomic_path, save_json
 
+from .common import distributed, is_main_process
+
 logger = logging.getLogger("medtuning")
 
 
@@ -37,10 +39,6 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class RegionMetrics:
     """Per-case Dice (and HD95, in mm when ``spacing`` is given) for each region channel of an evaluator's epoch.
 
@@ -58,6 +56,7 @@ class RegionMetrics:
         self.case_ids: list[str] = []
         self.rows: list[torch.Tensor] = []
         self.table: list[dict] = []
+        self.means: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -91,7 +90,7 @@ class RegionMetrics:
         width = len(self.names) * (2 if self.hd95 else 1)
         rows = torch.stack(self.rows) if self.rows else torch.zeros((0, width))
         case_ids = list(self.case_ids)
-        if _distributed():
+        if distributed():
             rows = evenly_divisible_all_gather(rows, concat=True)
             case_ids = string_list_all_gather(case_ids)
         n = len(self.names)
@@ -102,13 +101,14 @@ class RegionMetrics:
                 entry.update({f"hd95_{k}": row[n + i] for i, k in enumerate(self.names)})
             self.table.append(entry)
         summary = self.summary_of_table()
+        self.means = dict(summary)  # per-column means, the CSV's last row
         if self.table:
             summary["dice_mean"] = sum(summary[f"dice_{k}"] for k in self.names) / n
             if self.composite_name:
                 summary[self.composite_name] = summary["dice_mean"]
         engine.state.metrics.update(summary)
         logger.info("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-        if self.csv_path and (not _distributed() or torch.distributed.get_rank() == 0):
+        if self.csv_path and is_main_process():
             self.write_csv(self.csv_path)
 
     def write_csv(self, path: str | Path) -> Path:
@@ -122,7 +122,7 @@ class RegionMetrics:
                 writer.writeheader()
                 for entry in self.table:
                     writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in entry.items()})
-                means = {k: v for k, v in self.summary_of_table().items() if k in columns}
+                means = {k: v for k, v in self.means.items() if k in columns}
                 writer.writerow({"case_id": "mean", **{k: f"{v:.6f}" for k, v in means.items()}})
         return path
 
@@ -139,7 +139,7 @@ class RegionMetrics:
 def report(evaluator: Engine, output_dir: str | Path, name: str = "metrics", title: str = "final validation") -> dict:
     """Print the evaluator's last metrics and write them to OUTPUT/NAME.json (rank 0 only)."""
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
-    if metrics and (not _distributed() or torch.distributed.get_rank() == 0):
+    if metrics and is_main_process():
         print(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         save_json(Path(output_dir) / f"{name}.json", metrics)
     return metrics

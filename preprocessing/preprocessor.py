@@ -42,6 +42,15 @@ def is_done(folder: str | Path, case_id: str, expected_hash: str) -> bool:
         return False
 
 
+def read_label(path: str | Path, geometry, image: str | Path) -> np.ndarray:
+    """A label map, checked to lie on its image's grid."""
+    seg, seg_geometry = read_volume(path)
+    if not seg_geometry.same_grid(geometry):
+        raise DataError(f"{path}: label map shape/affine {seg_geometry.shape} does not match the image "
+                        f"{image} {geometry.shape}")
+    return seg
+
+
 def read_case(case: CaseFiles, num_channels: int, labels: dict[str, int] | None = None):
     """Images (and label map, if the case has one) with every check that names the bad file."""
     if len(case.images) != num_channels:
@@ -52,10 +61,7 @@ def read_case(case: CaseFiles, num_channels: int, labels: dict[str, int] | None 
         raise DataError(f"{bad}: contains NaN or Inf voxels")
     seg = None
     if case.label is not None:
-        seg, seg_geometry = read_volume(case.label)
-        if not seg_geometry.same_grid(geometry):
-            raise DataError(f"{case.label}: label map shape/affine {seg_geometry.shape} does not match the image "
-                            f"{case.images[0]} {geometry.shape}")
+        seg = read_label(case.label, geometry, case.images[0])
         if labels is not None:
             unknown = sorted(set(np.unique(seg).tolist()) - set(labels.values()))
             if unknown:
@@ -126,11 +132,7 @@ def preprocess_labelled_images(images: list[str | Path], label: str | Path, plan
     plan's preprocessed (c, z, y, x) data and (1, z, y, x) labels, as training reads them."""
     backend = backend or plan.get("resampling_backend", "fast")
     data, geometry = read_image_channels([Path(p) for p in images], plan)
-    seg, seg_geometry = read_volume(label)
-    if not seg_geometry.same_grid(geometry):
-        raise DataError(f"{label}: label map shape/affine {seg_geometry.shape} does not match the image "
-                        f"{images[0]} {geometry.shape}")
-    seg = to_raw_labels(seg, plan, label)[None]
+    seg = to_raw_labels(read_label(label, geometry, images[0]), plan, label)[None]
     data, seg, _ = preprocess_arrays(data, seg, geometry.spacing, plan, backend=backend, foreground_classes=[],
                                      copy=False)
     return data, seg
