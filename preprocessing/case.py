@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from .cropping import crop_to_nonzero
+from .io import label_values
 from .normalization import normalize
 from .resampling import new_shape_for, resample
 
@@ -18,10 +19,10 @@ SAMPLING_SEED = 1234
 def sample_class_locations(seg: np.ndarray, classes: Sequence[int], seed: int = SAMPLING_SEED) -> dict[int, np.ndarray]:
     """Up to 10,000 voxel coordinates (c, z, y, x) per class (at least 1% of the class), nnU-Net's seeding."""
     rng = np.random.RandomState(seed)
-    foreground = seg != 0
+    foreground = seg > 0  # classes are positive; nnU-Net's `!= 0` also gathers the -1 voxels, same samples
     coords = np.argwhere(foreground)
     values = seg[foreground]
-    present = set(np.unique(values).tolist())
+    present = set(label_values(values))
     locations = {}
     for c in classes:
         if c not in present:
@@ -43,7 +44,7 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, spacing: Sequenc
     transpose = list(plan["transpose_forward"])
     data = data.astype(np.float32, copy=copy).transpose([0, *[a + 1 for a in transpose]])
     if seg is not None:
-        seg = np.array(seg).transpose([0, *[a + 1 for a in transpose]])
+        seg = np.asarray(seg).transpose([0, *[a + 1 for a in transpose]])  # a view: cropping copies it
     spacing = [float(spacing[a]) for a in transpose]
     target = [float(t) for t in plan["spacing"]]  # already in transposed order, as in nnU-Net plans
     properties = {"shape_before_cropping": list(data.shape[1:])}
@@ -54,8 +55,10 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, spacing: Sequenc
     shape = new_shape_for(data.shape[1:], spacing, target)
     data = normalize(data, seg, plan["normalization_schemes"], plan["use_mask_for_norm"],
                      plan.get("foreground_intensity_properties_per_channel"))
-    data = resample(data, shape, spacing, target, is_seg=False, backend=backend)
+    # labels first: the resampled label map is small, the resampled image is not, and the caller may still
+    # hold the input image, so this order keeps fewer large arrays alive at once
     seg = resample(seg, shape, spacing, target, is_seg=True, backend=backend)
+    data = resample(data, shape, spacing, target, is_seg=False, backend=backend)
     seg = seg.astype(np.int16 if seg.max() > 127 else np.int8)
     if foreground_classes is None:
         foreground_classes = [v for v in plan["labels"].values() if v > 0]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 OUTSIDE_LABEL = -1  # label-map value for background outside the nonzero mask
+
+
+SPARSE_BACKGROUND = 0.02  # below this fraction of zero voxels, holes are found among those voxels alone
 
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
@@ -13,8 +18,41 @@ def nonzero_mask(data: np.ndarray) -> np.ndarray:
     mask = data[0] != 0
     for channel in data[1:]:
         mask |= channel != 0
-    # nothing to fill when every voxel is nonzero (CT): skip the costly pass, same result
-    return mask if mask.all() else binary_fill_holes(mask)
+    zeros = mask.size - np.count_nonzero(mask)
+    if zeros == 0:
+        return mask
+    if zeros <= SPARSE_BACKGROUND * mask.size:  # CT: a few scattered 0 HU voxels
+        return fill_sparse_holes(mask)
+    return binary_fill_holes(mask)
+
+
+def fill_sparse_holes(mask: np.ndarray) -> np.ndarray:
+    """``binary_fill_holes(mask)`` (face connectivity) computed from the graph of the zero voxels alone.
+
+    Scipy's fill propagates from the array border through every voxel of the volume; when zeros are rare
+    (CT, where only voxels of exactly 0 HU are zero) the connected components of the zero voxels give the
+    same answer at a fraction of the cost: components touching the border stay outside, the rest are holes.
+    """
+    zeros = np.argwhere(~mask)
+    flat = np.ravel_multi_index(zeros.T, mask.shape)  # sorted: argwhere walks in C order
+    rows, cols = [], []
+    step = 1
+    for axis in reversed(range(mask.ndim)):  # the +1 neighbour along each axis
+        inside = np.flatnonzero(zeros[:, axis] < mask.shape[axis] - 1)
+        neighbour = flat[inside] + step
+        position = np.minimum(np.searchsorted(flat, neighbour), len(flat) - 1)
+        hit = flat[position] == neighbour
+        rows.append(inside[hit])
+        cols.append(position[hit])
+        step *= mask.shape[axis]
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(len(flat), len(flat)))
+    _, component = connected_components(graph, directed=False)
+    on_border = (zeros == 0).any(axis=1) | (zeros == np.asarray(mask.shape) - 1).any(axis=1)
+    hole = ~np.isin(component, component[on_border])
+    filled = mask.copy()
+    filled[tuple(zeros[hole].T)] = True
+    return filled
 
 
 def bounding_box(mask: np.ndarray) -> list[list[int]]:
@@ -44,8 +82,11 @@ def crop_to_nonzero(data: np.ndarray, seg: np.ndarray | None = None):
     data = data[(slice(None),) + slicer]
     if seg is not None:
         seg = seg[(slice(None),) + slicer]
-        # a signed copy: -1 must fit (label maps are usually stored as uint8)
-        seg = seg.astype(np.int16) if seg.dtype.kind in "ub" else seg.copy()
+        # a signed copy, as small as the labels allow: -1 must fit (label maps are usually stored as uint8)
+        if seg.dtype.kind in "ub":
+            seg = seg.astype(np.int8 if seg.size == 0 or seg.max() <= 127 else np.int16)
+        else:
+            seg = seg.copy()
         seg[(seg == 0) & ~mask] = OUTSIDE_LABEL
     else:
         seg = np.where(mask, np.int8(0), np.int8(OUTSIDE_LABEL))

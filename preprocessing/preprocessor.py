@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .case import preprocess_arrays
 from .dataset import CaseFiles, RawDataset
-from .io import DataError, atomic_path, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
+from .io import DataError, atomic_path, label_values, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
 from .planning import load_plan, plan_hash, save_plan
 
 
@@ -55,15 +55,12 @@ def read_case(case: CaseFiles, num_channels: int, labels: dict[str, int] | None 
     """Images (and label map, if the case has one) with every check that names the bad file."""
     if len(case.images) != num_channels:
         raise DataError(f"case {case.case_id}: {len(case.images)} image channel(s), the plan expects {num_channels}")
-    data, geometry = read_channels(case.images)
-    if not np.isfinite(data).all():
-        bad = next(p for p, d in zip(case.images, data) if not np.isfinite(d).all())
-        raise DataError(f"{bad}: contains NaN or Inf voxels")
+    data, geometry = read_channels(case.images)  # checks NaN/Inf per file
     seg = None
     if case.label is not None:
         seg = read_label(case.label, geometry, case.images[0])
         if labels is not None:
-            unknown = sorted(set(np.unique(seg).tolist()) - set(labels.values()))
+            unknown = sorted(set(label_values(seg)) - set(labels.values()))
             if unknown:
                 raise DataError(f"{case.label}: label value(s) {unknown} not declared in dataset.json "
                                 f"(declared: {sorted(labels.values())})")
@@ -83,10 +80,9 @@ def read_image_channels(images: list[Path], plan: dict):
         if found != expected:
             raise DataError(f"{images[0]}: {found} channel(s), the plan expects {expected} ({names}); give one 4D file "
                             f"or one file per channel")
-        data = data.astype(np.float32, copy=False)
-        if not np.isfinite(data).all():
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise DataError(f"{images[0]}: contains NaN or Inf voxels")
-        return data, geometry
+        return data.astype(np.float32, copy=False), geometry
     if len(images) != expected:
         raise DataError(f"{len(images)} image file(s) ({', '.join(p.name for p in images)}), the plan expects "
                         f"{expected} channel(s) ({names})")
@@ -117,7 +113,7 @@ def to_raw_labels(seg: np.ndarray, plan: dict, path: str | Path) -> np.ndarray:
     original = [int(v) for v in (plan.get("original_label_values") or raw_values)]
     lookup = {v: v for v in raw_values}
     lookup.update({o: r for o, r in zip(original, raw_values)})
-    present = [int(v) for v in np.unique(seg)]
+    present = label_values(seg)
     unknown = [v for v in present if v not in lookup]
     if unknown:
         raise DataError(f"{path}: label value(s) {unknown} are not among the dataset's {sorted(set(original))}")
