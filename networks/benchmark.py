@@ -10,7 +10,12 @@ Prints ratios; ``--json`` writes every figure.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the growth of the process's peak
 resident memory over its size after the imports on the CPU (weights, gradients, optimizer state,
-activations and allocator slack alike).
+activations and allocator slack alike), taken from a second pair of workers with a fixed mmap threshold;
+step times come from workers with the allocator's defaults.
+
+Med-Tuning is measured as it is configured by default: frozen blocks in bfloat16 where the hardware
+computes it natively (``--frozen-precision``, :mod:`networks.memory`). The last column gives the
+adapters' inference cost with the frozen blocks in float32, like the bare network.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 
 import torch
 
+from .memory import native_bfloat16
 from .models import build_network
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
@@ -49,12 +55,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _network(args: argparse.Namespace, model: str, method: str) -> torch.nn.Module:
+def _network(args: argparse.Namespace, model: str, method: str, frozen_precision: str | None = None) -> torch.nn.Module:
+    options = dict(in_channels=args.in_channels, num_classes=args.classes,
+                   frozen_precision=frozen_precision or args.frozen_precision)
     if model == "swinunetr":  # native 3D: the volume's depth sizes the Med-Adapters' FFT weights
-        return build_network(model, method, in_channels=args.in_channels, num_classes=args.classes,
-                             img_size=args.slices, feature_size=args.feature_size)
-    return build_network(model, method, in_channels=args.in_channels, num_classes=args.classes,
-                         img_size=args.img_size, num_slices=args.slices)
+        return build_network(model, method, img_size=args.slices, feature_size=args.feature_size, **options)
+    return build_network(model, method, img_size=args.img_size, num_slices=args.slices, **options)
 
 
 def train_worker(args: argparse.Namespace) -> None:
@@ -89,15 +95,19 @@ def train_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_memory_bytes": int(peak), "tuned_params": sum(p.numel() for p in params)}), flush=True)
 
 
-def _start_worker(args: argparse.Namespace, model: str, method: str) -> subprocess.Popen:
+def _start_worker(args: argparse.Namespace, model: str, method: str, for_memory: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
            "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
-           "--feature-size", str(args.feature_size)]
+           "--feature-size", str(args.feature_size), "--frozen-precision", args.frozen_precision]
     cmd += ["--amp"] if args.amp else []
-    # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
-    # follows live memory instead of heap fragmentation (the same for both methods).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = dict(os.environ)
+    if for_memory:
+        # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
+        # follows live memory instead of heap fragmentation (the same for both methods). It also makes
+        # every large allocation fault in fresh pages, which is not how anyone trains, so step times come
+        # from a second pair of workers with the allocator's defaults.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     if worker.stdout.readline().strip() != "ready":
         raise RuntimeError(f"benchmark worker {model}/{method} failed to start (exit {worker.wait()})")
@@ -113,40 +123,56 @@ def _ask(worker: subprocess.Popen, command: str) -> str:
     return line.strip()
 
 
-def training_figures(args: argparse.Namespace, model: str) -> dict[str, dict]:
-    """Median step time and peak memory of ``full`` and ``med_adapter``, their steps interleaved."""
-    workers = {m: _start_worker(args, model, m) for m in ("full", "med_adapter")}
+def _interleaved_steps(workers: dict[str, subprocess.Popen], warmup: int, steps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {m: [] for m in workers}
-    for step in range(args.warmup + args.steps):
+    for step in range(warmup + steps):
         for method in (list(workers) if step % 2 == 0 else list(workers)[::-1]):
             t = float(_ask(workers[method], "step"))
-            if step >= args.warmup:
+            if step >= warmup:
                 times[method].append(t)
-    out = {}
+    return times
+
+
+def training_figures(args: argparse.Namespace, model: str) -> dict[str, dict]:
+    """Median step time and peak memory of ``full`` and ``med_adapter``, their steps interleaved: one pair
+    of workers for time (allocator defaults), one for memory (two steps: the optimizer state exists from
+    the first, the second repeats the peak)."""
+    methods = ("full", "med_adapter")
+    out: dict[str, dict] = {m: {} for m in methods}
+    workers = {m: _start_worker(args, model, m, for_memory=False) for m in methods}
+    times = _interleaved_steps(workers, args.warmup, args.steps)
     for method, worker in workers.items():
-        out[method] = {**json.loads(_ask(worker, "done")), "step_time_s": statistics.median(times[method])}
+        _ask(worker, "done")
+        worker.wait()
+        out[method]["step_time_s"] = statistics.median(times[method])
+    workers = {m: _start_worker(args, model, m, for_memory=True) for m in methods}
+    _interleaved_steps(workers, 1, 1)
+    for method, worker in workers.items():
+        out[method].update(json.loads(_ask(worker, "done")))
         worker.wait()
     return out
 
 
-def inference_times(args: argparse.Namespace, model: str) -> tuple[float, float]:
-    """Median forward time (no grad) of the bare network and of its Med-Adapter form, interleaved."""
+def inference_times(args: argparse.Namespace, model: str) -> dict[str, float]:
+    """Median forward time (no grad) of the bare network and of its Med-Adapter form, interleaved; the
+    adapter form both as configured and with its frozen blocks in float32 (the adapters' own cost)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    bare = _network(args, model, "full").to(device).eval()
-    adapted = _network(args, model, "med_adapter").to(device).eval()
+    nets = {"bare": _network(args, model, "full"), "adapted": _network(args, model, "med_adapter"),
+            "adapted_float32": _network(args, model, "med_adapter", frozen_precision="float32")}
+    nets = {name: net.to(device).eval() for name, net in nets.items()}
     x = torch.randn(args.batch, args.in_channels, args.slices, args.img_size, args.img_size, device=device)
-    samples = {"bare": [], "adapted": []}
+    samples: dict[str, list[float]] = {name: [] for name in nets}
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         for rep in range(args.warmup + args.steps):
-            for name, net in (("bare", bare), ("adapted", adapted)) if rep % 2 == 0 else (("adapted", adapted), ("bare", bare)):
+            for name in (list(nets) if rep % 2 == 0 else list(nets)[::-1]):
                 _sync(device)
                 t0 = time.perf_counter()
-                net(x)
+                nets[name](x)
                 _sync(device)
                 if rep >= args.warmup:
                     samples[name].append(time.perf_counter() - t0)
-    return statistics.median(samples["bare"]), statistics.median(samples["adapted"])
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--frozen-precision", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
@@ -174,29 +202,37 @@ def main(argv: list[str] | None = None) -> int:
 
     setting = (f"device={args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
                f" batch={args.batch} volume={args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
-               f" amp={'bf16' if args.amp else 'off'} steps={args.steps} (+{args.warmup} warm-up)")
+               f" amp={'bf16' if args.amp else 'off'} frozen_precision={args.frozen_precision}"
+               f" steps={args.steps} (+{args.warmup} warm-up)")
     print(setting)
     if args.device == "cpu" and args.slices != 128 and any(m != "swinunetr" for m in args.models):
         print(f"note: CPU run with {args.slices} slices per volume instead of the paper's 128 (same network widths)")
     results = {"setting": setting, "models": {}}
-    header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6}"
+    header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6} | {'fp32 frozen':>6}"
     print(header)
     for model in args.models:
         figures = training_figures(args, model)
         full, med = figures["full"], figures["med_adapter"]
-        bare_t, med_t = inference_times(args, model)
+        inference = inference_times(args, model)
+        bare_t, med_t = inference["bare"], inference["adapted"]
         row = {
             "full": full, "med_adapter": med, "inference_bare_s": bare_t, "inference_med_adapter_s": med_t,
+            "inference_med_adapter_frozen_float32_s": inference["adapted_float32"],
             "memory_ratio": med["peak_memory_bytes"] / full["peak_memory_bytes"],
             "step_time_ratio": med["step_time_s"] / full["step_time_s"],
             "inference_ratio": med_t / bare_t,
+            "inference_ratio_frozen_float32": inference["adapted_float32"] / bare_t,
         }
         results["models"][model] = row
         print(f"{model:<16} {full['peak_memory_bytes'] / 2**30:>7.2f}Gi {med['peak_memory_bytes'] / 2**30:>7.2f}Gi "
               f"{row['memory_ratio']:>6.2f} | {full['step_time_s']:>8.2f}s {med['step_time_s']:>8.2f}s "
-              f"{row['step_time_ratio']:>6.2f} | {bare_t:>7.2f}s {med_t:>7.2f}s {row['inference_ratio']:>6.2f}")
+              f"{row['step_time_ratio']:>6.2f} | {bare_t:>7.2f}s {med_t:>7.2f}s {row['inference_ratio']:>6.2f}"
+              f" | {row['inference_ratio_frozen_float32']:>6.2f}")
     print(f"targets: memory <= {TARGETS['memory']}x full, step time <= {TARGETS['step_time']}x full, "
           f"inference <= {TARGETS['inference']}x bare")
+    print(f"Med-Tuning's frozen blocks: {args.frozen_precision} (auto = bfloat16 where native: "
+          f"{'yes' if native_bfloat16(torch.device(args.device).type) else 'no'} here); last column: inference "
+          f"ratio with them in float32, the adapters' own cost")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -17,6 +17,7 @@ from torch import nn
 
 __all__ = [
     "DropPath",
+    "attention",
     "Mlp",
     "adapt_input_conv",
     "resample_abs_pos_embed",
@@ -25,6 +26,23 @@ __all__ = [
     "drop_path_rates",
     "init_linear",
 ]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention, ``(B, heads, N, head_dim)``.
+
+    PyTorch's fused kernel, except for bfloat16/float16 on the CPU: there its flash kernel is 4-8x slower
+    than plain batched matrix products for the short sequences of ViT slices and Swin windows (measured,
+    torch 2.13), and frozen backbones run in bfloat16 (:mod:`networks.memory`).
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    weights = F.dropout(scores.softmax(-1), dropout) if dropout else scores.softmax(-1)
+    return weights.to(v.dtype) @ v
 
 
 def init_linear(m: nn.Module) -> None:

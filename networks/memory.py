@@ -1,21 +1,50 @@
-"""Lower training memory for frozen backbones.
+"""Cheaper training for frozen backbones: bfloat16 weights and compute, bfloat16 saved activations.
 
-A frozen block still saves activations for the backward pass: the adapters before it need the
-gradient with respect to its input. Those activations only serve that input gradient (no weight
-gradient is formed from them), so they can be stored in bfloat16 and widened again when the
-backward pass reads them. The forward pass is untouched; gradients reaching the tuned modules
-carry bfloat16 rounding of the frozen blocks' local derivatives, the same precision mixed-precision
-training uses throughout. Tuned modules (adapters, decoder) keep exact saved tensors.
+A frozen block still runs forward and backward: the adapters before it need the gradient with respect
+to its input. Two things follow from it being frozen:
+
+* **Its weights and compute can be bfloat16** (``frozen_precision``). None of its weights is ever
+  updated, so the reason mixed-precision training keeps float32 master weights does not apply; only the
+  features it hands on and the input gradient it passes back carry bfloat16 rounding, as under autocast.
+  When the network is built, the frozen blocks' matrices are converted to bfloat16 once (half their
+  memory, no per-step casts; from then on they stay bit-identical through training). Each block runs
+  under ``torch.autocast(bfloat16)`` and its output is cast back to its input's dtype, so the adapters,
+  the decoder and the loss stay in float32. ``"auto"`` (the default) does this where the hardware
+  computes bfloat16 natively (the GPU when there is one, else a CPU with AVX512-BF16 or AMX) and keeps
+  float32 elsewhere, where bfloat16 would only be emulated.
+* **The activations it saves only serve that input gradient** (no weight gradient is formed from
+  them), so they can be stored in bfloat16 and widened again when the backward pass reads them
+  (``compress_activations``). Tuned modules keep exact saved tensors.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-__all__ = ["compress_frozen_activations", "MIN_COMPRESSED_NUMEL"]
+__all__ = ["configure_frozen_blocks", "native_bfloat16", "FROZEN_PRECISIONS",
+           "MIN_COMPRESSED_NUMEL"]
 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
+FROZEN_PRECISIONS = ("auto", "bfloat16", "float32")
+MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Whether this machine computes bfloat16 natively on ``device_type`` ('cpu' or 'cuda')."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def default_device_type() -> str:
+    """Where a network built now will most likely run: the GPU if there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pack(t: torch.Tensor) -> tuple[torch.dtype, torch.Tensor] | torch.Tensor:
@@ -31,34 +60,66 @@ def _unpack(packed: tuple[torch.dtype, torch.Tensor] | torch.Tensor) -> torch.Te
     return packed
 
 
-class _Scope:
-    """Enter the saved-tensor hooks before a frozen block runs, leave them right after it (before
-    any forward hook that an adapter added runs)."""
+def _cast(output, dtype: torch.dtype):
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        return tuple(_cast(o, dtype) for o in output)
+    return output
 
-    def __init__(self) -> None:
-        self.stack: list = []
+
+class _FrozenBlockScope:
+    """Entered by a forward pre-hook before a frozen block runs and left by a forward hook right after it
+    (before any forward hook an adapter added runs, and also when the block raised)."""
+
+    def __init__(self, compress: bool, bfloat16: bool) -> None:
+        self.compress = compress
+        self.bfloat16 = bfloat16
+        self.stack: list[tuple[list, torch.dtype | None]] = []
 
     def enter(self, module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled():
-            ctx = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
-            ctx.__enter__()
-            self.stack.append(ctx)
+        contexts, dtype = [], None
+        if self.compress and torch.is_grad_enabled():
+            contexts.append(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack))
+        x = args[0] if args else None
+        if self.bfloat16 and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            contexts.append(torch.autocast(x.device.type, dtype=torch.bfloat16))
+            dtype = x.dtype
+        for context in contexts:
+            context.__enter__()
+        self.stack.append((contexts, dtype))
 
-    def leave(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.stack:
-            self.stack.pop().__exit__(None, None, None)
+    def leave(self, module: nn.Module, args: tuple, output):
+        if not self.stack:
+            return None
+        contexts, dtype = self.stack.pop()
+        for context in reversed(contexts):
+            context.__exit__(None, None, None)
+        return _cast(output, dtype) if dtype is not None else None
 
 
-def compress_frozen_activations(model: nn.Module, blocks: list[nn.Module] | None = None) -> int:
-    """Store the saved activations of frozen blocks in bfloat16; returns how many blocks.
-
-    ``blocks`` defaults to the network's adapter sites whose parameters are all frozen.
-    """
+def configure_frozen_blocks(model: nn.Module, compress_activations: bool = True, precision: str = "auto",
+                            blocks: list[nn.Module] | None = None) -> int:
+    """Run frozen blocks in bfloat16 (``precision``) and/or store their saved activations in bfloat16;
+    returns how many blocks. ``blocks`` defaults to the network's adapter sites whose parameters are all
+    frozen (a block holding tuned parameters, e.g. LoRA's, is left alone)."""
+    if precision not in FROZEN_PRECISIONS:
+        raise ValueError(f"unknown frozen_precision {precision!r}; choose one of {', '.join(FROZEN_PRECISIONS)}")
+    bfloat16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(default_device_type()))
+    if not compress_activations and not bfloat16:
+        return 0
     if blocks is None:
         blocks = [s.module for s in model.adapter_sites()]
     blocks = [b for b in blocks if not any(p.requires_grad for p in b.parameters())]
     for block in blocks:
-        scope = _Scope()
+        if bfloat16:
+            # the frozen matrices themselves become bfloat16: half their memory, no per-step casts (whose
+            # copies autograd would keep for the backward pass); norms keep float32, as autocast runs them
+            for layer in block.modules():
+                if isinstance(layer, MATRIX_LAYERS):
+                    layer.to(torch.bfloat16)
+        scope = _FrozenBlockScope(compress_activations, bfloat16)
         block.register_forward_pre_hook(scope.enter)
-        block.register_forward_hook(scope.leave, prepend=True)
+        block.register_forward_hook(scope.leave, prepend=True, always_call=True)
     return len(blocks)
+

@@ -16,7 +16,7 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
-from .memory import compress_frozen_activations
+from .memory import configure_frozen_blocks
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
@@ -187,7 +187,7 @@ NETWORKS: dict[str, type[nn.Module]] = {
 
 def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
                   method_options: dict | None = None, compress_activations: bool = True,
-                  **network_options) -> nn.Module:
+                  frozen_precision: str = "auto", **network_options) -> nn.Module:
     """Build a network, load its pretrained backbone (local file) and apply a tuning method.
 
     Args:
@@ -197,6 +197,9 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         method_options: options of the method's config (e.g. ``{"reduction": 6}``).
         compress_activations: keep the activations that frozen blocks save for the backward pass
             in bfloat16 (:mod:`networks.memory`); no effect where no block is frozen.
+        frozen_precision: weights and compute of the frozen blocks: ``"auto"`` (bfloat16 where the
+            hardware computes it natively, else float32), ``"bfloat16"`` or ``"float32"``
+            (:mod:`networks.memory`); float32 for methods that merge into frozen weights (LoRA).
         network_options: constructor arguments of the network class.
     """
     from .pet import apply_method, get_method
@@ -206,11 +209,13 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
     except KeyError:
         raise ValueError(f"unknown network '{name}'; choose one of {', '.join(NETWORKS)}") from None
     model = cls(**network_options)
+    method_class = get_method(method)
     if pretrained:
-        if not get_method(method).loads_pretrained:
+        if not method_class.loads_pretrained:
             raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
         model.pretrained_report = model.load_pretrained(pretrained)
     apply_method(model, method, **(method_options or {}))
-    if compress_activations and model.pet.frozen:
-        compress_frozen_activations(model)
+    if model.pet.frozen:
+        configure_frozen_blocks(model, compress_activations,
+                                frozen_precision if method_class.bfloat16_frozen_blocks else "float32")
     return model

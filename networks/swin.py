@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, Mlp, drop_path_rates, init_linear, relative_position_index
+from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear, relative_position_index
 
 __all__ = ["SwinTransformer", "SwinTransformerBlock", "PatchMerging", "window_partition", "window_reverse"]
 
@@ -66,7 +66,7 @@ class WindowAttention(nn.Module):
         if self.num_prefix_tokens:  # prompts: no position bias, never masked
             p = self.num_prefix_tokens
             bias = F.pad(bias, (p, 0, p, 0))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, bias, dropout=self.attn_drop if self.training else 0.0)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .context import SliceContext
-from .layers import DropPath, Mlp, drop_path_rates, init_linear, resample_abs_pos_embed
+from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear, resample_abs_pos_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
@@ -34,9 +34,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        x = attention(q, k, v, dropout=self.attn_drop if self.training else 0.0)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

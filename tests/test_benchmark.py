@@ -20,3 +20,5 @@ def test_benchmark_reports_ratios(tmp_path):
     row = json.loads((tmp_path / "b.json").read_text())["models"]["swin_unet"]
     assert row["full"]["tuned_params"] > row["med_adapter"]["tuned_params"] > 0
     assert row["memory_ratio"] > 0 and row["step_time_ratio"] > 0 and row["inference_ratio"] > 0
+    assert row["inference_ratio_frozen_float32"] > 0
+    assert "frozen_precision=auto" in out.stdout

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from networks import build_network
 from networks.pet.med_adapter import FrequencyFilter, MedAdapter
@@ -52,7 +53,8 @@ def reference_adapter(adapter: MedAdapter, tokens, batch, depth, grid, prev):
 
 def test_vit_network_matches_reference_adapter_computation():
     torch.manual_seed(0)
-    net = build_network("vit_b16_upernet", "med_adapter", compress_activations=False, **TINY_VIT).eval()
+    net = build_network("vit_b16_upernet", "med_adapter", compress_activations=False, frozen_precision="float32",
+                        **TINY_VIT).eval()
     for p in net.med_adapter.parameters():  # move away from the ones/zeros initialisation
         p.data.normal_(0, 0.2)
     slices = torch.randn(2, 4, 8, 32, 32).transpose(1, 2).reshape(16, 4, 32, 32)
@@ -124,7 +126,8 @@ def test_compressed_frozen_activations_keep_gradients_close():
     grads = []
     for compress in (False, True):
         torch.manual_seed(0)
-        net = build_network("vit_b16_upernet", "med_adapter", compress_activations=compress, **TINY_VIT).train()
+        net = build_network("vit_b16_upernet", "med_adapter", compress_activations=compress, frozen_precision="float32",
+                            **TINY_VIT).train()
         torch.manual_seed(1)
         net(torch.randn(2, 4, 8, 32, 32)).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
@@ -154,3 +157,43 @@ def test_applying_a_second_method_is_refused():
         build_network("vit_b16_upernet", "nope", **TINY_VIT)
     with pytest.raises(ValueError, match="has no option"):
         build_network("vit_b16_upernet", "med_adapter", method_options={"alpha": 3}, **TINY_VIT)
+
+
+@pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
+                                                ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64))])
+def test_bfloat16_frozen_blocks_keep_float32_outputs_and_close_gradients(name, options, shape):
+    grads = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        net = build_network(name, "med_adapter", frozen_precision=precision, **options).train()
+        matrices = [m.weight.dtype for s in net.adapter_sites() for m in s.module.modules() if isinstance(m, nn.Linear)]
+        norms = [m.weight.dtype for s in net.adapter_sites() for m in s.module.modules() if isinstance(m, nn.LayerNorm)]
+        expected = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        assert set(matrices) == {expected} and set(norms) == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in net.parameters() if p.requires_grad)
+        torch.manual_seed(1)
+        out = net(torch.randn(*shape))
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        out.square().mean().backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+    assert ((grads["float32"] - grads["bfloat16"]).norm() / grads["float32"].norm()) < 5e-2
+
+
+def test_lora_keeps_float32_frozen_blocks_and_bad_precision_is_refused():
+    net = build_network("vit_b16_upernet", "lora", frozen_precision="bfloat16", **TINY_VIT)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    with pytest.raises(ValueError, match="unknown frozen_precision 'half'"):
+        build_network("vit_b16_upernet", "med_adapter", frozen_precision="half", **TINY_VIT)
+
+
+def test_cpu_bfloat16_attention_matches_the_fused_kernel():
+    from networks.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 3, 16, 32) for _ in range(3))
+    bias = torch.randn(6, 3, 16, 16)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ours = attention(*(t.bfloat16() for t in (q, k, v)), bias.bfloat16())
+    assert ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), reference, atol=5e-2)
+    assert torch.equal(attention(q, k, v, bias), reference)  # float32: the fused kernel itself

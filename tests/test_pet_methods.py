@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from networks import build_network
-from networks.pet import merge_lora, unmerge_lora
+from networks.pet import get_method, merge_lora, unmerge_lora
 from networks.summary import build_for_summary, parameter_summary
 
 from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, shared_path
@@ -25,10 +25,11 @@ CASES = [(m, n) for m in BASELINES for n in NETWORKS
          if not (n == "swinunetr" and m in SLICE_ONLY | PROMPTS)]
 
 
-def build(name, method, seed=0, **method_options):
+def build(name, method, seed=0, frozen_precision="auto", **method_options):
     torch.manual_seed(seed)
     options, shape = NETWORKS[name]
-    return build_network(name, method, method_options=method_options or None, **options), shape
+    return build_network(name, method, method_options=method_options or None, frozen_precision=frozen_precision,
+                         **options), shape
 
 
 @pytest.mark.parametrize("method,name", CASES)
@@ -54,7 +55,9 @@ def test_only_the_method_is_tuned_and_the_backbone_stays_bit_identical(method, n
 
 @pytest.mark.parametrize("method,name", [c for c in CASES if c[0] in IDENTITY_AT_START])
 def test_fresh_model_computes_the_backbone(method, name):
-    reference, shape = build(name, "head")
+    # the frozen backbone in the precision the method keeps it in (LoRA: float32, it merges into it)
+    reference, shape = build(name, "head", frozen_precision="auto" if get_method(method).bfloat16_frozen_blocks
+                             else "float32")
     net, _ = build(name, method)
     x = torch.randn(*shape)
     with torch.no_grad():

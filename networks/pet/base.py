@@ -65,6 +65,8 @@ class PETMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     loads_pretrained: ClassVar[bool] = True  # False for training from scratch
+    # frozen blocks may hold bfloat16 weights (networks.memory); not for a method that merges into them
+    bfloat16_frozen_blocks: ClassVar[bool] = True
 
     @abstractmethod
     def inject(self, model: nn.Module, config: Any) -> PETState:

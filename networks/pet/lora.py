@@ -99,6 +99,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 @register_method
 class LoRAMethod(InsertingMethod):
     name = "lora"
+    bfloat16_frozen_blocks = False  # merge_lora adds into the frozen qkv weights: they stay float32
     config_class = LoRAConfig
 
     def insert(self, model: nn.Module, config: LoRAConfig) -> nn.Module:
