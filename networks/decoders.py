@@ -168,5 +168,18 @@ class SwinUNetDecoder(nn.Module):
         for i in range(1, len(self.layers_up)):
             x = self.concat_back_dim[i](torch.cat([x, skips[-i]], dim=-1))
             x = self.layers_up[i](x)
-        x = self.up(self.norm_up(x))
-        return self.output(x.permute(0, 3, 1, 2))
+        return self.classify_full_resolution(self.norm_up(x))
+
+    def classify_full_resolution(self, x: torch.Tensor) -> torch.Tensor:
+        """The x4 expansion, its LayerNorm and the 1x1 output convolution, ``(B, h, w, C) -> (B, K, 4h, 4w)``.
+
+        The same computation as ``output(up(x))``, ordered so that the full-resolution C-channel map is never
+        rearranged: LayerNorm and the 1x1 convolution act on each pixel's C values, so both run on the
+        expansion's output as it lies, and only the K-channel logits are shuffled into place. This saves
+        two copies of the decoder's largest tensor (and their gradients) per step.
+        """
+        b, h, w, _ = x.shape
+        s = self.up.scale
+        x = self.up.norm(self.up.expand(x).view(b, h, w, s, s, -1))
+        logits = F.linear(x, self.output.weight.flatten(1))  # (b, h, w, s, s, K)
+        return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * s, w * s)
