@@ -19,18 +19,20 @@ SAMPLING_SEED = 1234
 def sample_class_locations(seg: np.ndarray, classes: Sequence[int], seed: int = SAMPLING_SEED) -> dict[int, np.ndarray]:
     """Up to 10,000 voxel coordinates (c, z, y, x) per class (at least 1% of the class), nnU-Net's seeding."""
     rng = np.random.RandomState(seed)
-    foreground = seg > 0  # classes are positive; nnU-Net's `!= 0` also gathers the -1 voxels, same samples
-    coords = np.argwhere(foreground)
-    values = seg[foreground]
+    # flat indices in C order (nnU-Net's argwhere order, so the same samples), coordinates only for the chosen;
+    # classes are positive: nnU-Net's `!= 0` also gathers the -1 voxels, which no class selects
+    flat = np.flatnonzero(seg.ravel() > 0)
+    values = seg.ravel()[flat]
     present = set(label_values(values))
     locations = {}
     for c in classes:
         if c not in present:
             locations[c] = np.zeros((0, seg.ndim), dtype=np.int64)
             continue
-        hits = coords[values == c]
+        hits = flat[values == c]
         n = max(min(FOREGROUND_SAMPLES, len(hits)), int(np.ceil(len(hits) * MIN_COVERAGE)))
-        locations[c] = hits[rng.choice(len(hits), n, replace=False)]
+        chosen = hits[rng.choice(len(hits), n, replace=False)]
+        locations[c] = np.stack(np.unravel_index(chosen, seg.shape), axis=1).astype(np.int64)
     return locations
 
 

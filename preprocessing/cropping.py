@@ -33,8 +33,8 @@ def fill_sparse_holes(mask: np.ndarray) -> np.ndarray:
     (CT, where only voxels of exactly 0 HU are zero) the connected components of the zero voxels give the
     same answer at a fraction of the cost: components touching the border stay outside, the rest are holes.
     """
-    zeros = np.argwhere(~mask)
-    flat = np.ravel_multi_index(zeros.T, mask.shape)  # sorted: argwhere walks in C order
+    flat = np.flatnonzero(~mask.ravel())  # sorted, C order
+    zeros = np.stack(np.unravel_index(flat, mask.shape), axis=1)
     rows, cols = [], []
     step = 1
     for axis in reversed(range(mask.ndim)):  # the +1 neighbour along each axis
