@@ -145,3 +145,18 @@ def test_inference_input_checks(raw, tmp_path):
     _save(tmp_path / "inf.nii.gz", bad)
     with pytest.raises(DataError, match="inf.nii.gz: contains NaN or Inf"):
         preprocess_images([tmp_path / "inf.nii.gz", raw / "imagesTr/case0_0001.nii.gz"], plan)
+
+
+def test_truncated_or_corrupt_gzip_is_named_when_read(raw, tmp_path):
+    """The one-call inflate (ISA-L) reports a cut file and a damaged stream like nibabel's reader did."""
+    data = (raw / "imagesTr/case0_0000.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.nii.gz: cannot read the voxel data, the file is truncated or corrupt"):
+        read_volume(tmp_path / "cut.nii.gz")
+    damaged = bytearray(data)
+    damaged[-6] ^= 0xFF  # the CRC-32 at the end of the gzip stream
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"crc.nii.gz: cannot read the voxel data, the file is truncated or corrupt"):
+        read_volume(tmp_path / "crc.nii.gz")
+    first, _ = read_volume(raw / "imagesTr/case0_0000.nii.gz")  # the intact file still reads
+    assert first.ndim == 3
