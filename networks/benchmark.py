@@ -8,7 +8,7 @@ Prints ratios; ``--json`` writes every figure.
     python -m networks.benchmark                      # CPU: reduced depth, says so
     python -m networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the growth of the process's peak
+Peak memory is ``torch.accelerator.max_memory_allocated`` on a GPU and the growth of the process's peak
 resident memory over its size after the imports on the CPU (weights, gradients, optimizer state,
 activations and allocator slack alike), taken from a second pair of workers with a fixed mmap threshold;
 step times come from workers with the allocator's defaults.
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .memory import native_bfloat16
+from .memory import FROZEN_PRECISIONS, default_device_type, native_bfloat16
 from .models import build_network
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
@@ -51,8 +51,8 @@ def current_rss_bytes() -> int:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if device.type != "cpu":  # GPUs (any torch.accelerator) run asynchronously
+        torch.accelerator.synchronize(device)
 
 
 def _network(args: argparse.Namespace, model: str, method: str, frozen_precision: str | None = None) -> torch.nn.Module:
@@ -76,8 +76,8 @@ def train_worker(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, args.in_channels, args.slices, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.classes, (args.batch, args.slices, args.img_size, args.img_size), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -91,7 +91,7 @@ def train_worker(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         _sync(device)
         print(time.perf_counter() - t0, flush=True)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes() - baseline
+    peak = torch.accelerator.max_memory_allocated(device) if device.type != "cpu" else peak_rss_bytes() - baseline
     print(json.dumps({"peak_memory_bytes": int(peak), "tuned_params": sum(p.numel() for p in params)}), flush=True)
 
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m networks.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--feature-size", type=int, default=48, help="SwinUNETR width (MONAI's recipes: 48)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device_type())
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slices", type=int, default=None, help="slices per volume (default: 128 on GPU, 32 on CPU)")
     parser.add_argument("--img-size", type=int, default=128)
@@ -188,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--frozen-precision", default="auto", choices=["auto", "bfloat16", "float32"],
+    parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
                         help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.slices is None:
-        args.slices = 128 if args.device.startswith("cuda") else 32
+        args.slices = 32 if args.device == "cpu" else 128
     if args.worker_model:
         train_worker(args)
         return 0

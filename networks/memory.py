@@ -24,7 +24,7 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["configure_frozen_blocks", "native_bfloat16", "FROZEN_PRECISIONS",
+__all__ = ["configure_frozen_blocks", "default_device_type", "native_bfloat16", "FROZEN_PRECISIONS",
            "MIN_COMPRESSED_NUMEL"]
 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
@@ -43,8 +43,9 @@ def native_bfloat16(device_type: str) -> bool:
 
 
 def default_device_type() -> str:
-    """Where a network built now will most likely run: the GPU if there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where a network built now will most likely run: the accelerator (GPU) if there is one."""
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return accelerator.type if accelerator else "cpu"
 
 
 def _pack(t: torch.Tensor) -> tuple[torch.dtype, torch.Tensor] | torch.Tensor:
@@ -122,4 +123,3 @@ def configure_frozen_blocks(model: nn.Module, compress_activations: bool = True,
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)
     return len(blocks)
-

@@ -143,11 +143,16 @@ def read_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geome
         elif not geometry.same_grid(first):
             raise DataError(f"{path}: on a different grid than {paths[0]} (shape {geometry.shape} vs {first.shape}, "
                             f"or a different affine)")
-        if data.dtype.kind == "f" and not np.isfinite(data).all():  # integer voxels cannot be NaN: no pass
-            raise DataError(f"{path}: contains NaN or Inf voxels")
+        check_finite(data, path)
         stacked[c] = data
         del data
     return stacked, first
+
+
+def check_finite(data: np.ndarray, path: str | os.PathLike) -> None:
+    """A DataError naming ``path`` if its voxels hold NaN or Inf (integer voxels cannot: no pass over them)."""
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise DataError(f"{path}: contains NaN or Inf voxels")
 
 
 def label_values(seg: np.ndarray) -> list[int]:

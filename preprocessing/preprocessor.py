@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .case import preprocess_arrays
 from .dataset import CaseFiles, RawDataset
-from .io import DataError, atomic_path, label_values, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
+from .io import DataError, atomic_path, check_finite, label_values, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
 from .planning import load_plan, plan_hash, save_plan
 
 
@@ -80,8 +80,7 @@ def read_image_channels(images: list[Path], plan: dict):
         if found != expected:
             raise DataError(f"{images[0]}: {found} channel(s), the plan expects {expected} ({names}); give one 4D file "
                             f"or one file per channel")
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise DataError(f"{images[0]}: contains NaN or Inf voxels")
+        check_finite(data, images[0])
         return data.astype(np.float32, copy=False), geometry
     if len(images) != expected:
         raise DataError(f"{len(images)} image file(s) ({', '.join(p.name for p in images)}), the plan expects "

@@ -183,8 +183,8 @@ def _resize_boundaries(codes: np.ndarray, n_labels: int, shape: Sequence[int]) -
     rows = max(1, LABEL_CHUNK_VOXELS // max(per_row, 1))
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
-        chunk_taps = [((taps[0][0][0][start:stop], taps[0][0][1][start:stop]),
-                       (taps[0][1][0][start:stop], taps[0][1][1][start:stop])), *taps[1:]]
+        # the first axis's indices and weights for this chunk's rows
+        chunk_taps = [tuple(tuple(a[start:stop] for a in pair) for pair in taps[0]), *taps[1:]]
 
         def gather(bits):
             values = codes
@@ -246,7 +246,7 @@ def _resample_fast(data: np.ndarray, shape, axis: int | None, is_seg: bool) -> n
         slab_size = max(1, SLAB_VOXELS // int(np.prod(plane)))
         for start in range(0, len(index), slab_size):
             chunk = index[start:start + slab_size]
-            if chunk[-1] - chunk[0] + 1 == len(chunk) and np.all(np.diff(chunk) == 1):
+            if np.all(np.diff(chunk) == 1):
                 used, inverse = slice(chunk[0], chunk[-1] + 1), slice(None)  # one source slice each: views
             else:
                 used, inverse = np.unique(chunk, return_inverse=True)
