@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import expand_norm_classify
 from .layers import drop_path_rates, init_linear
 from .swin import SwinTransformerBlock
 
@@ -171,15 +172,8 @@ class SwinUNetDecoder(nn.Module):
         return self.classify_full_resolution(self.norm_up(x))
 
     def classify_full_resolution(self, x: torch.Tensor) -> torch.Tensor:
-        """The x4 expansion, its LayerNorm and the 1x1 output convolution, ``(B, h, w, C) -> (B, K, 4h, 4w)``.
-
-        The same computation as ``output(up(x))``, ordered so that the full-resolution C-channel map is never
-        rearranged: LayerNorm and the 1x1 convolution act on each pixel's C values, so both run on the
-        expansion's output as it lies, and only the K-channel logits are shuffled into place. This saves
-        two copies of the decoder's largest tensor (and their gradients) per step.
-        """
-        b, h, w, _ = x.shape
-        s = self.up.scale
-        x = self.up.norm(self.up.expand(x).view(b, h, w, s, s, -1))
-        logits = F.linear(x, self.output.weight.flatten(1))  # (b, h, w, s, s, K)
-        return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * s, w * s)
+        """The x4 expansion, its LayerNorm and the 1x1 output convolution, ``(B, h, w, C) -> (B, K, 4h, 4w)``:
+        ``output(up(x))`` computed a few hundred tokens at a time (:mod:`networks.fused`), so the
+        full-resolution C-channel map, the largest tensor of the network, is never stored."""
+        return expand_norm_classify(x, self.up.expand.weight, self.up.norm.weight, self.up.norm.bias,
+                                    self.output.weight, self.up.scale, self.up.norm.eps)
