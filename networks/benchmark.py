@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .memory import FROZEN_PRECISIONS, default_device_type, native_bfloat16
+from .memory import FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type, native_bfloat16
 from .models import build_network
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
@@ -57,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 def _network(args: argparse.Namespace, model: str, method: str, frozen_precision: str | None = None) -> torch.nn.Module:
     options = dict(in_channels=args.in_channels, num_classes=args.classes,
-                   frozen_precision=frozen_precision or args.frozen_precision)
+                   frozen_precision=frozen_precision or args.frozen_precision, frozen_activations=args.frozen_activations)
     if model == "swinunetr":  # native 3D: the volume's depth sizes the Med-Adapters' FFT weights
         return build_network(model, method, img_size=args.slices, feature_size=args.feature_size, **options)
     return build_network(model, method, img_size=args.img_size, num_slices=args.slices, **options)
@@ -99,7 +99,8 @@ def _start_worker(args: argparse.Namespace, model: str, method: str, for_memory:
     cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
            "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
-           "--feature-size", str(args.feature_size), "--frozen-precision", args.frozen_precision]
+           "--feature-size", str(args.feature_size), "--frozen-precision", args.frozen_precision,
+           "--frozen-activations", args.frozen_activations]
     cmd += ["--amp"] if args.amp else []
     env = dict(os.environ)
     if for_memory:
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
                         help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
+    parser.add_argument("--frozen-activations", default="bfloat16", choices=list(FROZEN_ACTIVATIONS),
+                        help="what Med-Tuning's frozen blocks keep for the backward pass (networks.memory)")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"device={args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
                f" batch={args.batch} volume={args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
                f" amp={'bf16' if args.amp else 'off'} frozen_precision={args.frozen_precision}"
+               f" frozen_activations={args.frozen_activations}"
                f" steps={args.steps} (+{args.warmup} warm-up)")
     print(setting)
     if args.device == "cpu" and args.slices != 128 and any(m != "swinunetr" for m in args.models):

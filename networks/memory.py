@@ -14,21 +14,29 @@ to its input. Two things follow from it being frozen:
   float32 elsewhere, where bfloat16 would only be emulated.
 * **The activations it saves only serve that input gradient** (no weight gradient is formed from
   them), so they can be stored in bfloat16 and widened again when the backward pass reads them
-  (``compress_activations``). Tuned modules keep exact saved tensors.
+  (``frozen_activations="bfloat16"``, the default), or not stored at all: ``"recompute"`` keeps only
+  each frozen block's input and runs the block's forward again when the backward pass reaches it
+  (activation checkpointing; one more forward of the frozen blocks per step for the least memory).
+  ``"float32"`` keeps them as computed. Tuned modules always keep exact saved tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import nn
+# The generator behind torch's hook-driven activation checkpointing (torch.distributed._composable's
+# ``checkpoint``), used the same way: started in a forward pre-hook, finished in a forward hook.
+from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
 
 __all__ = ["configure_frozen_blocks", "default_device_type", "native_bfloat16", "FROZEN_PRECISIONS",
-           "MIN_COMPRESSED_NUMEL"]
+           "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL"]
 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
 FROZEN_PRECISIONS = ("auto", "bfloat16", "float32")
+FROZEN_ACTIVATIONS = ("bfloat16", "recompute", "float32")
 MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -69,23 +77,34 @@ def _cast(output, dtype: torch.dtype):
     return output
 
 
+@contextlib.contextmanager
+def _recomputed(forward, *args):
+    # fn, preserve_rng_state (drop path), context_fn, determinism_check, debug, early_stop, *args
+    yield from _checkpoint_without_reentrant_generator(forward, True, noop_context_fn, "default", False, True, *args)
+
+
 class _FrozenBlockScope:
     """Entered by a forward pre-hook before a frozen block runs and left by a forward hook right after it
-    (before any forward hook an adapter added runs, and also when the block raised)."""
+    (before any forward hook an adapter added runs, and also when the block raised). Inside: bfloat16
+    autocast, and either compressed saved tensors or a checkpoint that recomputes the block."""
 
-    def __init__(self, compress: bool, bfloat16: bool) -> None:
-        self.compress = compress
+    def __init__(self, activations: str, bfloat16: bool) -> None:
+        self.activations = activations
         self.bfloat16 = bfloat16
         self.stack: list[tuple[list, torch.dtype | None]] = []
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         contexts, dtype = [], None
-        if self.compress and torch.is_grad_enabled():
-            contexts.append(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack))
         x = args[0] if args else None
         if self.bfloat16 and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
             contexts.append(torch.autocast(x.device.type, dtype=torch.bfloat16))
             dtype = x.dtype
+        if torch.is_grad_enabled() and self.activations == "bfloat16":
+            contexts.append(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack))
+        if torch.is_grad_enabled() and self.activations == "recompute":
+            # entered inside the autocast above, which the recomputation restores; it calls
+            # ``module.forward`` (no hooks), so neither this scope nor any adapter runs twice
+            contexts.append(_recomputed(module.forward, *args))
         for context in contexts:
             context.__enter__()
         self.stack.append((contexts, dtype))
@@ -99,15 +118,18 @@ class _FrozenBlockScope:
         return _cast(output, dtype) if dtype is not None else None
 
 
-def configure_frozen_blocks(model: nn.Module, compress_activations: bool = True, precision: str = "auto",
+def configure_frozen_blocks(model: nn.Module, activations: str = "bfloat16", precision: str = "auto",
                             blocks: list[nn.Module] | None = None) -> int:
-    """Run frozen blocks in bfloat16 (``precision``) and/or store their saved activations in bfloat16;
-    returns how many blocks. ``blocks`` defaults to the network's adapter sites whose parameters are all
-    frozen (a block holding tuned parameters, e.g. LoRA's, is left alone)."""
+    """Run frozen blocks in bfloat16 (``precision``) and keep their saved activations as ``activations``
+    says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
+    adapter sites whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left
+    alone)."""
     if precision not in FROZEN_PRECISIONS:
         raise ValueError(f"unknown frozen_precision {precision!r}; choose one of {', '.join(FROZEN_PRECISIONS)}")
+    if activations not in FROZEN_ACTIVATIONS:
+        raise ValueError(f"unknown frozen_activations {activations!r}; choose one of {', '.join(FROZEN_ACTIVATIONS)}")
     bfloat16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(default_device_type()))
-    if not compress_activations and not bfloat16:
+    if activations == "float32" and not bfloat16:
         return 0
     if blocks is None:
         blocks = [s.module for s in model.adapter_sites()]
@@ -119,7 +141,7 @@ def configure_frozen_blocks(model: nn.Module, compress_activations: bool = True,
             for layer in block.modules():
                 if isinstance(layer, MATRIX_LAYERS):
                     layer.to(torch.bfloat16)
-        scope = _FrozenBlockScope(compress_activations, bfloat16)
+        scope = _FrozenBlockScope(activations, bfloat16)
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)
     return len(blocks)

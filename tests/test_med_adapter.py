@@ -53,7 +53,7 @@ def reference_adapter(adapter: MedAdapter, tokens, batch, depth, grid, prev):
 
 def test_vit_network_matches_reference_adapter_computation():
     torch.manual_seed(0)
-    net = build_network("vit_b16_upernet", "med_adapter", compress_activations=False, frozen_precision="float32",
+    net = build_network("vit_b16_upernet", "med_adapter", frozen_activations="float32", frozen_precision="float32",
                         **TINY_VIT).eval()
     for p in net.med_adapter.parameters():  # move away from the ones/zeros initialisation
         p.data.normal_(0, 0.2)
@@ -122,16 +122,33 @@ def test_volume_depth_the_adapters_cannot_take_is_a_clear_error():
         net(torch.randn(4, 32, 32))
 
 
-def test_compressed_frozen_activations_keep_gradients_close():
-    grads = []
-    for compress in (False, True):
+@pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
+                                                ("swin_unet", dict(TINY_SWIN, drop_path_rate=0.3), (1, 4, 8, 64, 64)),
+                                                ("swinunetr", TINY_SWINUNETR, (1, 1, 64, 64, 64))])
+def test_frozen_activations_recomputed_or_narrowed_keep_gradients(name, options, shape):
+    grads, saved = {}, {}
+    for activations in ("float32", "recompute", "bfloat16"):
         torch.manual_seed(0)
-        net = build_network("vit_b16_upernet", "med_adapter", compress_activations=compress, frozen_precision="float32",
-                            **TINY_VIT).train()
-        torch.manual_seed(1)
-        net(torch.randn(2, 4, 8, 32, 32)).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
-    assert ((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-2
+        net = build_network(name, "med_adapter", frozen_activations=activations, frozen_precision="float32",
+                            **options).train()
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)  # same drop-path draws; recomputation must replay them
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(torch.randn(*shape))
+        out.square().mean().backward()
+        grads[activations] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        saved[activations] = sum(sizes)
+    # recomputation gives the very same gradients; bfloat16 storage gives close ones
+    torch.testing.assert_close(grads["recompute"], grads["float32"], rtol=1e-5, atol=1e-7)
+    assert ((grads["float32"] - grads["bfloat16"]).norm() / grads["float32"].norm()) < 1e-2
+    assert saved["recompute"] < saved["float32"]  # what the outer hook sees: the blocks' own tensors are gone
+    with pytest.raises(ValueError, match="unknown frozen_activations 'fp8'"):
+        build_network(name, "med_adapter", frozen_activations="fp8", **options)
 
 
 def test_deepcopy_rebinds_adapters():
