@@ -8,15 +8,14 @@ the last stage's, and autograd keeps two copies of it per step. It is also slow 
 such buffer is fresh memory and each pass over it streams from RAM.
 
 :func:`expand_norm_classify` computes the same thing a few hundred tokens at a time, so the expanded
-rows never leave the cache, and keeps only its input and the per-pixel LayerNorm statistics for the
-backward pass, which recomputes the expansion chunk by chunk (one small matrix product). Every tuned
+rows never leave the cache, and keeps only its input and the weights for the backward pass, which
+recomputes the expansion and its LayerNorm chunk by chunk (one small matrix product). Every tuned
 method shares the decoder, so every method gains alike.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["expand_norm_classify", "CHUNK_ELEMENTS"]
 
@@ -108,12 +107,3 @@ def expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weig
     logits = logits.view(b, h, w, scale, scale, -1)
     return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)
 
-
-def reference_expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weight: torch.Tensor,
-                                   norm_bias: torch.Tensor, classifier_weight: torch.Tensor, scale: int,
-                                   eps: float = 1e-5) -> torch.Tensor:
-    """The same head written with whole-tensor operations (for tests and comparisons)."""
-    b, h, w, c = x.shape
-    z = F.layer_norm(F.linear(x, expand_weight).view(b, h, w, scale, scale, c), (c,), norm_weight, norm_bias, eps)
-    logits = F.linear(z, classifier_weight.flatten(1))
-    return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)

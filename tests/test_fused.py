@@ -2,9 +2,20 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import networks.fused as fused
-from networks.fused import expand_norm_classify, reference_expand_norm_classify
+from networks.fused import expand_norm_classify
+
+
+def reference_expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weight: torch.Tensor,
+                                   norm_bias: torch.Tensor, classifier_weight: torch.Tensor, scale: int,
+                                   eps: float = 1e-5) -> torch.Tensor:
+    """The same head written with whole-tensor operations, as the decoder computed it before."""
+    b, h, w, c = x.shape
+    z = F.layer_norm(F.linear(x, expand_weight).view(b, h, w, scale, scale, c), (c,), norm_weight, norm_bias, eps)
+    logits = F.linear(z, classifier_weight.flatten(1))
+    return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)
 
 
 def _head(dtype=torch.float64, b=2, h=5, c=8, k=3, scale=4):
