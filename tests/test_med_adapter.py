@@ -151,6 +151,49 @@ def test_frozen_activations_recomputed_or_narrowed_keep_gradients(name, options,
         build_network(name, "med_adapter", frozen_activations="fp8", **options)
 
 
+@pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
+                                                ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64)),
+                                                ("swinunetr", TINY_SWINUNETR, (1, 1, 64, 64, 64))])
+def test_recomputed_adapters_give_the_same_gradients_and_batchnorm_statistics(name, options, shape):
+    grads, statistics, saved = {}, {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net = build_network(name, "med_adapter", method_options={"recompute": recompute},
+                            frozen_precision="float32", **options).train()
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(torch.randn(*shape))
+        out.square().mean().backward()
+        grads[recompute] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        # running statistics count the batch once, not once more for the recomputation
+        statistics[recompute] = [b.clone() for b in net.med_adapter.buffers()]
+        saved[recompute] = sum(sizes)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert statistics[True] and all(torch.equal(a, b) for a, b in zip(statistics[True], statistics[False]))
+    assert saved[True] < saved[False]
+
+
+def test_recomputed_adapters_use_the_geometry_of_their_own_forward():
+    # two forwards on different in-plane sizes, one backward: each recomputation must rebuild its volume
+    # with its own token grid and its own inter-stage map, not the last forward's
+    grads = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net = build_network("vit_b16_upernet", "med_adapter", method_options={"recompute": recompute},
+                            frozen_precision="float32", **TINY_VIT).train()
+        torch.manual_seed(1)
+        small, large = torch.randn(1, 4, 8, 32, 32), torch.randn(1, 4, 8, 48, 48)
+        (net(small).square().mean() + net(large).square().mean()).backward()
+        grads[recompute] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
 def test_deepcopy_rebinds_adapters():
     torch.manual_seed(0)
     net = build_network("vit_b16_upernet", "med_adapter", **TINY_VIT).eval()

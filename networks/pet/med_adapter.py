@@ -10,14 +10,22 @@ block's output.
 
 The modules live in ``model.med_adapter`` and run from forward hooks on the blocks, so the
 backbone keeps its own parameter names (pretrained and tuned-only checkpoints stay loadable).
+
+In training, each adapter keeps only its inputs for the backward pass and runs again there
+(``recompute``, on by default): its inner activations, the C-wide GELU input and a dozen C'-wide maps,
+take several times the memory of its input for a small share of the step's compute. BatchNorm running
+statistics are restored after the recomputation, so they count each batch once; gradients are equal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..context import SliceContext
 from .base import AdapterSite, InsertingMethod, register_method
@@ -31,6 +39,9 @@ class MedAdapterConfig:
     reduction: int = 6  # alpha: bottleneck width C' = C // alpha
     kernel_sizes: tuple[int, ...] = (3, 5)
     inter_stage: bool = True
+    # keep only the adapter's inputs for the backward pass and run it again there: its inner
+    # activations (bottleneck, depth-wise branches, FFT, up-projection) are several times its input
+    recompute: bool = True
 
 
 class FrequencyFilter(nn.Module):
@@ -111,9 +122,9 @@ class MedAdapter(PatchTokenModule):
             self.fuse = nn.Conv3d(2 * hidden, hidden, 1)
         self.up_projection = nn.Linear(hidden, site.dim)
         self.act = nn.GELU()
+        self.recompute = config.recompute
 
-    def inter_stage_map(self, local: torch.Tensor) -> torch.Tensor:
-        prev = self.context.stage_map
+    def inter_stage_map(self, local: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         if prev is None:
             # First stage: the reference aligns an all-zero map, which leaves the conv's bias. The
             # weight stays in the graph with its (zero) gradient so DDP sees every parameter used.
@@ -123,19 +134,54 @@ class MedAdapter(PatchTokenModule):
             aligned = self.align(prev)
             if aligned.shape[2:] != local.shape[2:]:
                 raise ValueError(f"inter-stage map {tuple(aligned.shape[2:])} does not align with {tuple(local.shape[2:])}")
-        fused = self.fuse(torch.cat([local, aligned.to(local.dtype)], dim=1))
-        self.context.stage_map = fused
-        return fused
+        return self.fuse(torch.cat([local, aligned.to(local.dtype)], dim=1))
 
-    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
+    def adapt(self, tokens: torch.Tensor, prev: torch.Tensor | None,
+              geometry: SliceContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The adapter as a function of its inputs alone (what a recomputation needs): the block's patch
+        tokens, the previous stage's map and the slice geometry. Returns the new tokens and this stage's
+        map (``None`` unless this adapter closes a stage)."""
         z = self.act(self.down_projection(tokens))
-        v = tokens_to_volume(z, self.layout, self.context)
+        v = tokens_to_volume(z, self.layout, geometry)
         local = sum(branch(v) for branch in self.branches) + self.global_filter(v)
         local = self.mix(local.to(v.dtype))
-        if self.inter_stage:
-            local = self.inter_stage_map(local)
+        stage_map = self.inter_stage_map(local, prev) if self.inter_stage else None
+        local = local if stage_map is None else stage_map
         z = volume_to_tokens(v + local, z, self.layout)
-        return tokens + self.act(self.up_projection(z))
+        return tokens + self.act(self.up_projection(z)), stage_map
+
+    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        prev = self.context.stage_map if self.inter_stage else None
+        # a snapshot: a recomputation in the backward pass must not see a later forward's geometry
+        geometry = SliceContext(depth=self.context.depth, grid=self.context.grid)
+        if self.recompute and torch.is_grad_enabled():
+            out, stage_map = checkpoint(self.adapt, tokens, prev, geometry, use_reentrant=False,
+                                        context_fn=functools.partial(_recomputation_keeps_statistics, self))
+        else:
+            out, stage_map = self.adapt(tokens, prev, geometry)
+        if self.inter_stage:
+            self.context.stage_map = stage_map
+        return out
+
+
+@contextlib.contextmanager
+def _batchnorm_statistics_restored(module: nn.Module):
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [[buffer.clone() for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, kept):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def _recomputation_keeps_statistics(module: nn.Module):
+    # The recomputation runs the BatchNorms in training mode again; their running statistics must count
+    # this batch once, as without recomputation.
+    return contextlib.nullcontext(), _batchnorm_statistics_restored(module)
 
 
 @register_method
