@@ -16,7 +16,7 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
-from .memory import configure_frozen_blocks
+from .memory import DEFAULT_FROZEN_ACTIVATIONS, configure_frozen_blocks
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
@@ -186,7 +186,7 @@ NETWORKS: dict[str, type[nn.Module]] = {
 
 
 def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
-                  method_options: dict | None = None, frozen_activations: str = "bfloat16",
+                  method_options: dict | None = None, frozen_activations: str = DEFAULT_FROZEN_ACTIVATIONS,
                   frozen_precision: str = "auto", **network_options) -> nn.Module:
     """Build a network, load its pretrained backbone (local file) and apply a tuning method.
 
@@ -195,9 +195,11 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         method: a tuning method from :func:`networks.pet.available_methods`.
         pretrained: local weight file for the backbone; ignored (with an error) for ``scratch``.
         method_options: options of the method's config (e.g. ``{"reduction": 6}``).
-        frozen_activations: what frozen blocks keep for the backward pass: ``"bfloat16"`` (their saved
-            activations, narrowed), ``"recompute"`` (only their inputs; the blocks run again in the backward
-            pass) or ``"float32"`` (as computed); see :mod:`networks.memory`. No effect where nothing is frozen.
+        frozen_activations: what frozen blocks keep for the backward pass: ``"recompute"`` (the default:
+            only their inputs; the blocks run again in the backward pass), ``"bfloat16"`` (their saved
+            activations, narrowed; no recomputation) or ``"float32"`` (as computed); see
+            :mod:`networks.memory`. No effect where nothing is frozen; VPT, whose prompts reach a Swin
+            block's attention through state its hooks share, takes ``"bfloat16"`` for ``"recompute"``.
         frozen_precision: weights and compute of the frozen blocks: ``"auto"`` (bfloat16 where the
             hardware computes it natively, else float32), ``"bfloat16"`` or ``"float32"``
             (:mod:`networks.memory`); float32 for methods that merge into frozen weights (LoRA).
@@ -217,6 +219,8 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         model.pretrained_report = model.load_pretrained(pretrained)
     apply_method(model, method, **(method_options or {}))
     if model.pet.frozen:
+        if frozen_activations == "recompute" and not method_class.recomputable_frozen_blocks:
+            frozen_activations = "bfloat16"
         configure_frozen_blocks(model, frozen_activations,
                                 frozen_precision if method_class.bfloat16_frozen_blocks else "float32")
     return model

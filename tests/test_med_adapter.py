@@ -217,6 +217,10 @@ def test_applying_a_second_method_is_refused():
         build_network("vit_b16_upernet", "nope", **TINY_VIT)
     with pytest.raises(ValueError, match="has no option"):
         build_network("vit_b16_upernet", "med_adapter", method_options={"alpha": 3}, **TINY_VIT)
+    with pytest.raises(ValueError, match="option 'recompute' of method 'med_adapter' must be True or False, got 'false'"):
+        build_network("vit_b16_upernet", "med_adapter", method_options={"recompute": "false"}, **TINY_VIT)
+    with pytest.raises(ValueError, match="option 'reduction' of method 'med_adapter' must be an integer, got 6.5"):
+        build_network("vit_b16_upernet", "med_adapter", method_options={"reduction": 6.5}, **TINY_VIT)
 
 
 @pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),

@@ -67,6 +67,9 @@ class PETMethod(ABC):
     loads_pretrained: ClassVar[bool] = True  # False for training from scratch
     # frozen blocks may hold bfloat16 weights (networks.memory); not for a method that merges into them
     bfloat16_frozen_blocks: ClassVar[bool] = True
+    # frozen blocks may be run again in the backward pass (networks.memory); not where the method's hooks
+    # inside a block pass state from one hook to the next, which a recomputation would read stale
+    recomputable_frozen_blocks: ClassVar[bool] = True
 
     @abstractmethod
     def inject(self, model: nn.Module, config: Any) -> PETState:
@@ -122,9 +125,29 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
     unknown = set(options) - fields
     if unknown:
         raise ValueError(f"method '{method}' has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(impl.config_class)}
+    for name, value in options.items():
+        _check_option(method, name, value, defaults[name])
     config = impl.config_class(**options)
     model.pet = impl.inject(model, config)
     return model
+
+
+def _check_option(method: str, name: str, value: Any, default: Any) -> None:
+    # Options often arrive from a command line or a config file: a "false" string or a float where a
+    # count is meant would otherwise be taken silently (a non-empty string is truthy).
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, tuple):
+        ok, expected = isinstance(value, (tuple, list)), "a list"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"option '{name}' of method '{method}' must be {expected}, got {value!r}")
 
 
 def module_names(model: nn.Module, modules: list[nn.Module]) -> list[str]:

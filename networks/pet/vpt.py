@@ -95,6 +95,7 @@ class _VPT(InsertingMethod):
     config_class = VPTConfig
     attribute = "vpt"
     deep = False
+    recomputable_frozen_blocks = False  # on Swin, the block's prompts reach its attention through ``keep``
 
     def insert(self, model: nn.Module, config: VPTConfig) -> nn.Module:
         if config.num_tokens < 1:
