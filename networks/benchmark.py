@@ -14,8 +14,8 @@ activations and allocator slack alike), taken from a second pair of workers with
 step times come from workers with the allocator's defaults.
 
 Med-Tuning is measured as it is configured by default: frozen blocks in bfloat16 where the hardware
-computes it natively (``--frozen-precision``) and recomputed in the backward pass
-(``--frozen-activations``; :mod:`networks.memory`), Med-Adapters recomputed too. The last column gives
+computes it natively (``--frozen-precision``), recomputed in the backward pass or kept in bfloat16 as
+each network chooses (``--frozen-activations auto``; :mod:`networks.memory`), Med-Adapters recomputed. The last column gives
 the adapters' inference cost with the frozen blocks in float32, like the bare network.
 """
 
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
                         help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
-    parser.add_argument("--frozen-activations", default=DEFAULT_FROZEN_ACTIVATIONS, choices=list(FROZEN_ACTIVATIONS),
+    parser.add_argument("--frozen-activations", default=DEFAULT_FROZEN_ACTIVATIONS,
+                        choices=[DEFAULT_FROZEN_ACTIVATIONS, *FROZEN_ACTIVATIONS],
                         help="what Med-Tuning's frozen blocks keep for the backward pass (networks.memory)")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)

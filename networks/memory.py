@@ -13,13 +13,15 @@ to its input. Two things follow from it being frozen:
   computes bfloat16 natively (the GPU when there is one, else a CPU with AVX512-BF16 or AMX) and keeps
   float32 elsewhere, where bfloat16 would only be emulated.
 * **The activations it saves only serve that input gradient** (no weight gradient is formed from
-  them), so they need not be stored at all: ``frozen_activations="recompute"`` (the default) keeps only
-  each frozen block's input and runs the block's forward again when the backward pass reaches it
-  (activation checkpointing: one more bfloat16 forward of the frozen blocks per step, a few per cent of
-  the step time on the benchmark, for the least memory; gradients equal). ``"bfloat16"`` stores them
-  in bfloat16 and widens them again when the backward pass reads them (no recomputation, more memory);
-  ``"float32"`` keeps them as computed. Tuned modules keep exact saved tensors (Med-Adapters
-  recompute themselves, :mod:`networks.pet.med_adapter`).
+  them), so they need not be stored at all: ``frozen_activations="recompute"`` keeps only each frozen
+  block's input and runs the block's forward again when the backward pass reaches it (activation
+  checkpointing: one more bfloat16 forward of the frozen blocks per step for the least memory;
+  gradients equal). ``"bfloat16"`` stores them in bfloat16 and widens them again when the backward
+  pass reads them (no recomputation, more memory); ``"float32"`` keeps them as computed. What the
+  recomputation costs depends on the network: a few per cent of Swin-UNet's step, whose decoder
+  dominates, ~30 % of ViT-B/16 + UPerNet's, so ``build_network``'s default (``"auto"``) lets each
+  network choose. Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
+  :mod:`networks.pet.med_adapter`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ __all__ = ["configure_frozen_blocks", "default_device_type", "native_bfloat16", 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
 FROZEN_PRECISIONS = ("auto", "bfloat16", "float32")
 FROZEN_ACTIVATIONS = ("recompute", "bfloat16", "float32")
-DEFAULT_FROZEN_ACTIVATIONS = "recompute"
+# build_network's default: each network names its choice (``frozen_activations_auto``)
+DEFAULT_FROZEN_ACTIVATIONS = "auto"
 MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -121,8 +124,8 @@ class _FrozenBlockScope:
         return _cast(output, dtype) if dtype is not None else None
 
 
-def configure_frozen_blocks(model: nn.Module, activations: str = DEFAULT_FROZEN_ACTIVATIONS,
-                            precision: str = "auto", blocks: list[nn.Module] | None = None) -> int:
+def configure_frozen_blocks(model: nn.Module, activations: str = "recompute", precision: str = "auto",
+                            blocks: list[nn.Module] | None = None) -> int:
     """Run frozen blocks in bfloat16 (``precision``) and keep their saved activations as ``activations``
     says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
     adapter sites whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left

@@ -16,7 +16,7 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
-from .memory import DEFAULT_FROZEN_ACTIVATIONS, configure_frozen_blocks
+from .memory import DEFAULT_FROZEN_ACTIVATIONS, FROZEN_ACTIVATIONS, configure_frozen_blocks
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
@@ -60,6 +60,9 @@ class ViTUPerNet(SliceVolumeNet):
     Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11.
     """
 
+    # the frozen ViT-B is most of the step's compute: running it again costs ~30 % step time (benchmark)
+    frozen_activations_auto = "bfloat16"
+
     def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
                  num_slices: int | None = None, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool = False,
@@ -93,6 +96,10 @@ class SwinUNet(SliceVolumeNet):
 
     Defaults are the paper's: Swin-T width 96, depths 2/2/2/2, heads 3/6/12/24, window 4, 128x128.
     """
+
+    # the decoder dominates time and memory: the frozen encoder is cheap to run again, and only then
+    # does Med-Tuning stay under 0.6x full fine-tuning's memory (benchmark)
+    frozen_activations_auto = "recompute"
 
     def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
                  num_slices: int | None = None, patch_size: int = 4, embed_dim: int = 96,
@@ -146,6 +153,8 @@ class SwinUNETRNet(SwinUNETR):
     weights from the token depth it gives at each stage.
     """
 
+    frozen_activations_auto = "recompute"  # as Swin-UNet: its convolutional decoder dominates
+
     def __init__(self, in_channels: int = 1, num_classes: int = 2, img_size: int = 96, feature_size: int = 48,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> None:
@@ -195,9 +204,11 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         method: a tuning method from :func:`networks.pet.available_methods`.
         pretrained: local weight file for the backbone; ignored (with an error) for ``scratch``.
         method_options: options of the method's config (e.g. ``{"reduction": 6}``).
-        frozen_activations: what frozen blocks keep for the backward pass: ``"recompute"`` (the default:
-            only their inputs; the blocks run again in the backward pass), ``"bfloat16"`` (their saved
-            activations, narrowed; no recomputation) or ``"float32"`` (as computed); see
+        frozen_activations: what frozen blocks keep for the backward pass: ``"recompute"`` (only their
+            inputs; the blocks run again in the backward pass), ``"bfloat16"`` (their saved activations,
+            narrowed; no recomputation), ``"float32"`` (as computed) or ``"auto"`` (the default: the
+            network's ``frozen_activations_auto``, ``recompute`` for Swin-UNet and SwinUNETR, whose
+            decoders dominate, ``bfloat16`` for ViT-B/16 + UPerNet, whose encoder does); see
             :mod:`networks.memory`. No effect where nothing is frozen; VPT, whose prompts reach a Swin
             block's attention through state its hooks share, takes ``"bfloat16"`` for ``"recompute"``.
         frozen_precision: weights and compute of the frozen blocks: ``"auto"`` (bfloat16 where the
@@ -207,6 +218,9 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
     """
     from .pet import apply_method, get_method
 
+    if frozen_activations not in ("auto", *FROZEN_ACTIVATIONS):
+        raise ValueError(f"unknown frozen_activations {frozen_activations!r}; choose one of auto, "
+                         f"{', '.join(FROZEN_ACTIVATIONS)}")
     try:
         cls = NETWORKS[name]
     except KeyError:
@@ -219,6 +233,8 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         model.pretrained_report = model.load_pretrained(pretrained)
     apply_method(model, method, **(method_options or {}))
     if model.pet.frozen:
+        if frozen_activations == "auto":
+            frozen_activations = getattr(model, "frozen_activations_auto", "recompute")
         if frozen_activations == "recompute" and not method_class.recomputable_frozen_blocks:
             frozen_activations = "bfloat16"
         configure_frozen_blocks(model, frozen_activations,

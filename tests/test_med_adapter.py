@@ -179,6 +179,26 @@ def test_recomputed_adapters_give_the_same_gradients_and_batchnorm_statistics(na
     assert saved[True] < saved[False]
 
 
+@pytest.mark.parametrize("name,options,shape,chosen,other", [
+    ("vit_b16_upernet", TINY_VIT, (1, 4, 8, 32, 32), "bfloat16", "recompute"),
+    ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64), "recompute", "bfloat16")])
+def test_auto_frozen_activations_are_the_networks_choice(name, options, shape, chosen, other):
+    saved = {}
+    for activations in ("auto", chosen, other):
+        torch.manual_seed(0)
+        net = build_network(name, "med_adapter", frozen_activations=activations, **options).train()
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.randn(*shape))
+        saved[activations] = sum(sizes)
+    assert saved["auto"] == saved[chosen] != saved[other]
+
+
 def test_recomputed_adapters_use_the_geometry_of_their_own_forward():
     # two forwards on different in-plane sizes, one backward: each recomputation must rebuild its volume
     # with its own token grid and its own inter-stage map, not the last forward's
