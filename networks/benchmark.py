@@ -15,8 +15,9 @@ step times come from workers with the allocator's defaults.
 
 Med-Tuning is measured as it is configured by default: frozen blocks in bfloat16 where the hardware
 computes it natively (``--frozen-precision``), recomputed in the backward pass or kept in bfloat16 as
-each network chooses (``--frozen-activations auto``; :mod:`networks.memory`), Med-Adapters recomputed. The last column gives
-the adapters' inference cost with the frozen blocks in float32, like the bare network.
+each network chooses (``--frozen-activations auto``; :mod:`networks.memory`), Med-Adapters recomputed.
+The last column gives the adapters' inference cost with the frozen blocks in float32, like the bare
+network.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import time
 
 import torch
 
-from .memory import (DEFAULT_FROZEN_ACTIVATIONS, FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type,
-                     native_bfloat16)
+from .memory import FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type, native_bfloat16
 from .models import build_network
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
                         help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
-    parser.add_argument("--frozen-activations", default=DEFAULT_FROZEN_ACTIVATIONS,
-                        choices=[DEFAULT_FROZEN_ACTIVATIONS, *FROZEN_ACTIVATIONS],
-                        help="what Med-Tuning's frozen blocks keep for the backward pass (networks.memory)")
+    parser.add_argument("--frozen-activations", default="auto", choices=list(FROZEN_ACTIVATIONS),
+                        help="what Med-Tuning's frozen blocks keep for the backward pass (networks.memory); "
+                             "auto: each network's choice")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)

@@ -106,4 +106,3 @@ def expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weig
                                            norm_bias.to(stats), classifier_weight.flatten(1).to(stats), eps)
     logits = logits.view(b, h, w, scale, scale, -1)
     return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)
-

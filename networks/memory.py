@@ -19,8 +19,7 @@ to its input. Two things follow from it being frozen:
   gradients equal). ``"bfloat16"`` stores them in bfloat16 and widens them again when the backward
   pass reads them (no recomputation, more memory); ``"float32"`` keeps them as computed. What the
   recomputation costs depends on the network: a few per cent of Swin-UNet's step, whose decoder
-  dominates, ~30 % of ViT-B/16 + UPerNet's, so ``build_network``'s default (``"auto"``) lets each
-  network choose. Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
+  dominates, ~30 % of ViT-B/16 + UPerNet's, so the default (``"auto"``) lets each network choose. Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
   :mod:`networks.pet.med_adapter`).
 """
 
@@ -36,13 +35,12 @@ from torch import nn
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
 
 __all__ = ["configure_frozen_blocks", "default_device_type", "native_bfloat16", "FROZEN_PRECISIONS",
-           "FROZEN_ACTIVATIONS", "DEFAULT_FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL"]
+           "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
 FROZEN_PRECISIONS = ("auto", "bfloat16", "float32")
-FROZEN_ACTIVATIONS = ("recompute", "bfloat16", "float32")
-# build_network's default: each network names its choice (``frozen_activations_auto``)
-DEFAULT_FROZEN_ACTIVATIONS = "auto"
+# "auto": the network's choice (its ``frozen_activations_auto``, else "recompute")
+FROZEN_ACTIVATIONS = ("auto", "recompute", "bfloat16", "float32")
 MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -124,16 +122,26 @@ class _FrozenBlockScope:
         return _cast(output, dtype) if dtype is not None else None
 
 
-def configure_frozen_blocks(model: nn.Module, activations: str = "recompute", precision: str = "auto",
-                            blocks: list[nn.Module] | None = None) -> int:
+def check_frozen_options(activations: str, precision: str) -> None:
+    """A clear error for a value outside :data:`FROZEN_ACTIVATIONS` / :data:`FROZEN_PRECISIONS`."""
+    for name, value, choices in (("frozen_activations", activations, FROZEN_ACTIVATIONS),
+                                 ("frozen_precision", precision, FROZEN_PRECISIONS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precision: str = "auto",
+                            blocks: list[nn.Module] | None = None, recomputable: bool = True) -> int:
     """Run frozen blocks in bfloat16 (``precision``) and keep their saved activations as ``activations``
     says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
     adapter sites whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left
-    alone)."""
-    if precision not in FROZEN_PRECISIONS:
-        raise ValueError(f"unknown frozen_precision {precision!r}; choose one of {', '.join(FROZEN_PRECISIONS)}")
-    if activations not in FROZEN_ACTIVATIONS:
-        raise ValueError(f"unknown frozen_activations {activations!r}; choose one of {', '.join(FROZEN_ACTIVATIONS)}")
+    alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
+    would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen."""
+    check_frozen_options(activations, precision)
+    if activations == "auto":
+        activations = getattr(model, "frozen_activations_auto", "recompute")
+    if activations == "recompute" and not recomputable:
+        activations = "bfloat16"
     bfloat16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(default_device_type()))
     if activations == "float32" and not bfloat16:
         return 0

@@ -16,7 +16,7 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
-from .memory import DEFAULT_FROZEN_ACTIVATIONS, FROZEN_ACTIVATIONS, configure_frozen_blocks
+from .memory import check_frozen_options, configure_frozen_blocks
 from .pet.base import AdapterSite
 from .swin import SwinTransformer
 from .vit import VisionTransformer
@@ -195,7 +195,7 @@ NETWORKS: dict[str, type[nn.Module]] = {
 
 
 def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
-                  method_options: dict | None = None, frozen_activations: str = DEFAULT_FROZEN_ACTIVATIONS,
+                  method_options: dict | None = None, frozen_activations: str = "auto",
                   frozen_precision: str = "auto", **network_options) -> nn.Module:
     """Build a network, load its pretrained backbone (local file) and apply a tuning method.
 
@@ -218,9 +218,7 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
     """
     from .pet import apply_method, get_method
 
-    if frozen_activations not in ("auto", *FROZEN_ACTIVATIONS):
-        raise ValueError(f"unknown frozen_activations {frozen_activations!r}; choose one of auto, "
-                         f"{', '.join(FROZEN_ACTIVATIONS)}")
+    check_frozen_options(frozen_activations, frozen_precision)
     try:
         cls = NETWORKS[name]
     except KeyError:
@@ -233,10 +231,7 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         model.pretrained_report = model.load_pretrained(pretrained)
     apply_method(model, method, **(method_options or {}))
     if model.pet.frozen:
-        if frozen_activations == "auto":
-            frozen_activations = getattr(model, "frozen_activations_auto", "recompute")
-        if frozen_activations == "recompute" and not method_class.recomputable_frozen_blocks:
-            frozen_activations = "bfloat16"
         configure_frozen_blocks(model, frozen_activations,
-                                frozen_precision if method_class.bfloat16_frozen_blocks else "float32")
+                                frozen_precision if method_class.bfloat16_frozen_blocks else "float32",
+                                recomputable=method_class.recomputable_frozen_blocks)
     return model

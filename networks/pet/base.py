@@ -121,11 +121,10 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
     if getattr(model, "pet", None) is not None:
         raise RuntimeError(f"a tuning method ({model.pet.method}) was already applied to this model")
     impl = get_method(method)
-    fields = {f.name for f in dataclasses.fields(impl.config_class)}
-    unknown = set(options) - fields
-    if unknown:
-        raise ValueError(f"method '{method}' has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
     defaults = {f.name: f.default for f in dataclasses.fields(impl.config_class)}
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"method '{method}' has no option(s) {sorted(unknown)}; it takes {sorted(defaults)}")
     for name, value in options.items():
         _check_option(method, name, value, defaults[name])
     config = impl.config_class(**options)
