@@ -1,10 +1,12 @@
-"""Shared test helpers: where the shared fixtures live and small network configurations."""
+"""Shared test helpers: where the shared fixtures live, small network configurations, what a training
+step leaves behind."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__import__("os").environ.get("MEDTUNING_SHARED", REPO.parent / "shared"))
@@ -23,3 +25,22 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(f"shared fixtures not found at {path}; CI must run with ../shared beside the clone")
         pytest.skip(f"shared fixtures not found at {path} (set MEDTUNING_SHARED)")
     return path
+
+
+def tuned_gradients(net: torch.nn.Module) -> torch.Tensor:
+    """The gradients of all tuned parameters, flattened into one vector."""
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+
+
+def forward_counting_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``net(x)`` and the bytes its forward keeps for the backward pass, as an outer saved-tensor hook
+    sees them (a checkpointed region shows only what it keeps for its recomputation)."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    return out, sum(sizes)

@@ -10,7 +10,7 @@ from torch import nn
 from networks import build_network
 from networks.pet.med_adapter import FrequencyFilter, MedAdapter
 
-from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT
+from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, forward_counting_saved, tuned_gradients
 
 
 def reference_fft_branch(x, weight, bias):
@@ -131,18 +131,10 @@ def test_frozen_activations_recomputed_or_narrowed_keep_gradients(name, options,
         torch.manual_seed(0)
         net = build_network(name, "med_adapter", frozen_activations=activations, frozen_precision="float32",
                             **options).train()
-        sizes = []
-
-        def pack(t, sizes=sizes):
-            sizes.append(t.numel() * t.element_size())
-            return t
-
         torch.manual_seed(1)  # same drop-path draws; recomputation must replay them
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(torch.randn(*shape))
+        out, saved[activations] = forward_counting_saved(net, torch.randn(*shape))
         out.square().mean().backward()
-        grads[activations] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
-        saved[activations] = sum(sizes)
+        grads[activations] = tuned_gradients(net)
     # recomputation gives the very same gradients; bfloat16 storage gives close ones
     torch.testing.assert_close(grads["recompute"], grads["float32"], rtol=1e-5, atol=1e-7)
     assert ((grads["float32"] - grads["bfloat16"]).norm() / grads["float32"].norm()) < 1e-2
@@ -160,20 +152,12 @@ def test_recomputed_adapters_give_the_same_gradients_and_batchnorm_statistics(na
         torch.manual_seed(0)
         net = build_network(name, "med_adapter", method_options={"recompute": recompute},
                             frozen_precision="float32", **options).train()
-        sizes = []
-
-        def pack(t, sizes=sizes):
-            sizes.append(t.numel() * t.element_size())
-            return t
-
         torch.manual_seed(1)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(torch.randn(*shape))
+        out, saved[recompute] = forward_counting_saved(net, torch.randn(*shape))
         out.square().mean().backward()
-        grads[recompute] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        grads[recompute] = tuned_gradients(net)
         # running statistics count the batch once, not once more for the recomputation
         statistics[recompute] = [b.clone() for b in net.med_adapter.buffers()]
-        saved[recompute] = sum(sizes)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
     assert statistics[True] and all(torch.equal(a, b) for a, b in zip(statistics[True], statistics[False]))
     assert saved[True] < saved[False]
@@ -187,15 +171,7 @@ def test_auto_frozen_activations_are_the_networks_choice(name, options, shape, c
     for activations in ("auto", chosen, other):
         torch.manual_seed(0)
         net = build_network(name, "med_adapter", frozen_activations=activations, **options).train()
-        sizes = []
-
-        def pack(t, sizes=sizes):
-            sizes.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(torch.randn(*shape))
-        saved[activations] = sum(sizes)
+        _, saved[activations] = forward_counting_saved(net, torch.randn(*shape))
     assert saved["auto"] == saved[chosen] != saved[other]
 
 
@@ -210,7 +186,7 @@ def test_recomputed_adapters_use_the_geometry_of_their_own_forward():
         torch.manual_seed(1)
         small, large = torch.randn(1, 4, 8, 32, 32), torch.randn(1, 4, 8, 48, 48)
         (net(small).square().mean() + net(large).square().mean()).backward()
-        grads[recompute] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        grads[recompute] = tuned_gradients(net)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
 
 
@@ -259,7 +235,7 @@ def test_bfloat16_frozen_blocks_keep_float32_outputs_and_close_gradients(name, o
         out = net(torch.randn(*shape))
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         out.square().mean().backward()
-        grads[precision] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        grads[precision] = tuned_gradients(net)
     assert ((grads["float32"] - grads["bfloat16"]).norm() / grads["float32"].norm()) < 5e-2
 
 
