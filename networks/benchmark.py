@@ -3,7 +3,9 @@
 For each backbone: peak training memory and training step time of ``full`` and ``med_adapter`` on the
 same input and batch (each in a fresh worker process, so one's memory cannot hide the other's), and
 the inference time of the adapter network over the bare network (interleaved in one process).
-Prints ratios; ``--json`` writes every figure.
+Prints ratios; ``--json`` writes every figure. The step-time ratio is the median of per-step ratios
+(each Med-Tuning step over the full step run next to it), printed with their range: on a shared
+machine single steps vary by tens of per cent.
 
     python -m networks.benchmark                      # CPU: reduced depth, says so
     python -m networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
@@ -136,8 +138,14 @@ def _interleaved_steps(workers: dict[str, subprocess.Popen], warmup: int, steps:
     return times
 
 
+def paired_ratios(full: list[float], med: list[float]) -> list[float]:
+    """Med-Tuning's step time over full's, step by step: each pair ran back to back, so a change in the
+    machine's speed over the run (other jobs on a shared machine) falls on both sides of each ratio."""
+    return [m / f for f, m in zip(full, med)]
+
+
 def training_figures(args: argparse.Namespace, model: str) -> dict[str, dict]:
-    """Median step time and peak memory of ``full`` and ``med_adapter``, their steps interleaved: one pair
+    """Step times and peak memory of ``full`` and ``med_adapter``, their steps interleaved: one pair
     of workers for time (allocator defaults), one for memory (two steps: the optimizer state exists from
     the first, the second repeats the peak)."""
     methods = ("full", "med_adapter")
@@ -148,6 +156,7 @@ def training_figures(args: argparse.Namespace, model: str) -> dict[str, dict]:
         _ask(worker, "done")
         worker.wait()
         out[method]["step_time_s"] = statistics.median(times[method])
+        out[method]["step_times_s"] = times[method]
     workers = {m: _start_worker(args, model, m, for_memory=True) for m in methods}
     _interleaved_steps(workers, 1, 1)
     for method, worker in workers.items():
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
@@ -215,25 +224,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" and args.slices != 128 and any(m != "swinunetr" for m in args.models):
         print(f"note: CPU run with {args.slices} slices per volume instead of the paper's 128 (same network widths)")
     results = {"setting": setting, "models": {}}
-    header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} | {'bare inf':>8} {'med inf':>8} {'ratio':>6} | {'fp32 frozen':>6}"
+    header = f"{'model':<16} {'full mem':>9} {'med mem':>9} {'ratio':>6} | {'full step':>9} {'med step':>9} {'ratio':>6} {'range':>11} | {'bare inf':>8} {'med inf':>8} {'ratio':>6} | {'fp32 frozen':>6}"
     print(header)
     for model in args.models:
         figures = training_figures(args, model)
         full, med = figures["full"], figures["med_adapter"]
         inference = inference_times(args, model)
         bare_t, med_t = inference["bare"], inference["adapted"]
+        ratios = paired_ratios(full["step_times_s"], med["step_times_s"])
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         row = {
             "full": full, "med_adapter": med, "inference_bare_s": bare_t, "inference_med_adapter_s": med_t,
             "inference_med_adapter_frozen_float32_s": inference["adapted_float32"],
             "memory_ratio": med["peak_memory_bytes"] / full["peak_memory_bytes"],
-            "step_time_ratio": med["step_time_s"] / full["step_time_s"],
+            "step_time_ratio": statistics.median(ratios),
+            "step_time_ratio_range": [min(ratios), max(ratios)],
             "inference_ratio": med_t / bare_t,
             "inference_ratio_frozen_float32": inference["adapted_float32"] / bare_t,
         }
         results["models"][model] = row
         print(f"{model:<16} {full['peak_memory_bytes'] / 2**30:>7.2f}Gi {med['peak_memory_bytes'] / 2**30:>7.2f}Gi "
               f"{row['memory_ratio']:>6.2f} | {full['step_time_s']:>8.2f}s {med['step_time_s']:>8.2f}s "
-              f"{row['step_time_ratio']:>6.2f} | {bare_t:>7.2f}s {med_t:>7.2f}s {row['inference_ratio']:>6.2f}"
+              f"{row['step_time_ratio']:>6.2f} {spread:>11} | {bare_t:>7.2f}s {med_t:>7.2f}s "
+              f"{row['inference_ratio']:>6.2f}"
               f" | {row['inference_ratio_frozen_float32']:>6.2f}")
     print(f"targets: memory <= {TARGETS['memory']}x full, step time <= {TARGETS['step_time']}x full, "
           f"inference <= {TARGETS['inference']}x bare")

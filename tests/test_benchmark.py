@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from networks.benchmark import paired_ratios
+
 from .conftest import REPO
 
 
@@ -20,5 +22,14 @@ def test_benchmark_reports_ratios(tmp_path):
     row = json.loads((tmp_path / "b.json").read_text())["models"]["swin_unet"]
     assert row["full"]["tuned_params"] > row["med_adapter"]["tuned_params"] > 0
     assert row["memory_ratio"] > 0 and row["step_time_ratio"] > 0 and row["inference_ratio"] > 0
+    assert len(row["full"]["step_times_s"]) == len(row["med_adapter"]["step_times_s"]) == 1
+    low, high = row["step_time_ratio_range"]
+    assert low <= row["step_time_ratio"] <= high
     assert row["inference_ratio_frozen_float32"] > 0
     assert "frozen_precision=auto" in out.stdout
+
+
+def test_step_time_ratio_pairs_steps_that_ran_together():
+    # a machine slowing down mid-run (2x) must not show up as a difference between the methods
+    full, med = [1.0, 2.0, 2.0], [0.8, 1.6, 1.6]
+    assert paired_ratios(full, med) == pytest.approx([0.8, 0.8, 0.8])
