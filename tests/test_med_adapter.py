@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks import build_network
-from networks.pet.med_adapter import FrequencyFilter, MedAdapter
+from networks.pet.med_adapter import DepthwiseBranch, FrequencyFilter, MedAdapter
 
 from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, forward_counting_saved, tuned_gradients
 
@@ -35,12 +35,31 @@ def test_fft_branch_rejects_another_depth():
         FrequencyFilter(depth=12)(torch.randn(1, 2, 10, 4, 4))
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_branch_equals_its_3d_convolutions(kernel, channels_last):
+    # runs its Conv3d modules as 2D convolutions: same outputs and gradients as running them as 3D ones
+    torch.manual_seed(0)
+    branch = DepthwiseBranch(6, kernel)
+    for p in branch.parameters():
+        p.data.normal_()
+    volume = torch.randn(2, 7, 5, 9, 6).permute(0, 4, 1, 2, 3)  # (B, C, D, h, w), channels-last like tokens
+    volume = volume if channels_last else volume.contiguous()
+    results = []
+    for run in (branch, nn.Sequential(*copy.deepcopy(list(branch)))):
+        v = volume.clone().requires_grad_()
+        out = run(v)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [v, *run.parameters()])])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
 def reference_adapter(adapter: MedAdapter, tokens, batch, depth, grid, prev):
     """Med-Tuning's MedAdapter.forward re-written from the paper/reference for ViT tokens."""
     x = F.gelu(adapter.down_projection(tokens))
     b_, length, c = x.shape
     v = x.reshape(batch, depth, grid[0], grid[1], c).permute(0, 4, 1, 2, 3)
-    local = sum(branch(v) for branch in adapter.branches)
+    local = sum(nn.Sequential(*branch)(v) for branch in adapter.branches)  # literal 3D convolutions
     local = local + reference_fft_branch(v, adapter.global_filter.weight, adapter.global_filter.bias)
     local = adapter.mix(local)
     if adapter.inter_stage:
