@@ -232,20 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         inference = inference_times(args, model)
         bare_t, med_t = inference["bare"], inference["adapted"]
         ratios = paired_ratios(full["step_times_s"], med["step_times_s"])
-        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        low, high = min(ratios), max(ratios)
         row = {
             "full": full, "med_adapter": med, "inference_bare_s": bare_t, "inference_med_adapter_s": med_t,
             "inference_med_adapter_frozen_float32_s": inference["adapted_float32"],
             "memory_ratio": med["peak_memory_bytes"] / full["peak_memory_bytes"],
             "step_time_ratio": statistics.median(ratios),
-            "step_time_ratio_range": [min(ratios), max(ratios)],
+            "step_time_ratio_range": [low, high],
             "inference_ratio": med_t / bare_t,
             "inference_ratio_frozen_float32": inference["adapted_float32"] / bare_t,
         }
         results["models"][model] = row
         print(f"{model:<16} {full['peak_memory_bytes'] / 2**30:>7.2f}Gi {med['peak_memory_bytes'] / 2**30:>7.2f}Gi "
               f"{row['memory_ratio']:>6.2f} | {full['step_time_s']:>8.2f}s {med['step_time_s']:>8.2f}s "
-              f"{row['step_time_ratio']:>6.2f} {spread:>11} | {bare_t:>7.2f}s {med_t:>7.2f}s "
+              f"{row['step_time_ratio']:>6.2f} {f'{low:.2f}-{high:.2f}':>11} | {bare_t:>7.2f}s {med_t:>7.2f}s "
               f"{row['inference_ratio']:>6.2f}"
               f" | {row['inference_ratio_frozen_float32']:>6.2f}")
     print(f"targets: memory <= {TARGETS['memory']}x full, step time <= {TARGETS['step_time']}x full, "

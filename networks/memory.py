@@ -19,7 +19,8 @@ to its input. Two things follow from it being frozen:
   gradients equal). ``"bfloat16"`` stores them in bfloat16 and widens them again when the backward
   pass reads them (no recomputation, more memory); ``"float32"`` keeps them as computed. What the
   recomputation costs depends on the network: a few per cent of Swin-UNet's step, whose decoder
-  dominates, ~30 % of ViT-B/16 + UPerNet's, so the default (``"auto"``) lets each network choose. Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
+  dominates, ~30 % of ViT-B/16 + UPerNet's, so the default (``"auto"``) lets each network choose.
+  Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
   :mod:`networks.pet.med_adapter`).
 """
 

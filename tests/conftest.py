@@ -32,6 +32,18 @@ def tuned_gradients(net: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
 
 
+def assert_same_function(ours, reference, x: torch.Tensor, our_params, reference_params) -> None:
+    """``ours(x)`` equals ``reference(x)``, and so do their gradients with respect to ``x`` and to their
+    parameters (``our_params`` and ``reference_params``, in corresponding order)."""
+    results = []
+    for run, params in ((ours, our_params), (reference, reference_params)):
+        v = x.clone().requires_grad_()
+        out = run(v)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [v, *params])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def forward_counting_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``net(x)`` and the bytes its forward keeps for the backward pass, as an outer saved-tensor hook
     sees them (a checkpointed region shows only what it keeps for its recomputation)."""

@@ -10,7 +10,7 @@ from torch import nn
 from networks import build_network
 from networks.pet.med_adapter import DepthwiseBranch, FrequencyFilter, MedAdapter
 
-from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, forward_counting_saved, tuned_gradients
+from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, forward_counting_saved, tuned_gradients
 
 
 def reference_fft_branch(x, weight, bias):
@@ -45,13 +45,8 @@ def test_depthwise_branch_equals_its_3d_convolutions(kernel, channels_last):
         p.data.normal_()
     volume = torch.randn(2, 7, 5, 9, 6).permute(0, 4, 1, 2, 3)  # (B, C, D, h, w), channels-last like tokens
     volume = volume if channels_last else volume.contiguous()
-    results = []
-    for run in (branch, nn.Sequential(*copy.deepcopy(list(branch)))):
-        v = volume.clone().requires_grad_()
-        out = run(v)
-        results.append([out, *torch.autograd.grad(out.square().sum(), [v, *run.parameters()])])
-    for ours, reference in zip(*results):
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    reference = nn.Sequential(*copy.deepcopy(list(branch)))
+    assert_same_function(branch, reference, volume, list(branch.parameters()), list(reference.parameters()))
 
 
 def reference_adapter(adapter: MedAdapter, tokens, batch, depth, grid, prev):

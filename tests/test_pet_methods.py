@@ -10,9 +10,10 @@ import torch
 
 from networks import build_network
 from networks.pet import get_method, merge_lora, unmerge_lora
+from networks.pet.layers import depthwise_conv3d
 from networks.summary import build_for_summary, parameter_summary
 
-from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, shared_path, tuned_gradients
+from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, shared_path, tuned_gradients
 
 BASELINES = ["adapter", "adaptformer", "dvpt", "lora", "pro_tuning", "ssf", "st_adapter", "vpt_deep", "vpt_shallow"]
 SLICE_ONLY = {"st_adapter", "pro_tuning"}  # need a 2D backbone read slice by slice
@@ -125,3 +126,17 @@ def test_dvpt_sharing_and_count(share_every, expected_modules):
     assert parameter_summary(net)["inserted"] == expected_modules * (2 * c * r + r + c + m * r)
     swin, _ = build("swin_unet", "dvpt", share_every=2)  # never shared across stages of different width
     assert len(swin.dvpt) == len(swin.backbone.layers)
+
+
+@pytest.mark.parametrize("kernel, padding", [((1, 5, 5), (0, 2, 2)), ((3, 1, 1), (1, 0, 0)), ((2, 1, 1), (1, 0, 0)),
+                                             ((1, 3, 3), (0, 0, 0)), ((3, 3, 3), (1, 1, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_conv3d_equals_the_3d_convolution(kernel, padding, channels_last):
+    # the 2D paths (in-plane, across slices, also with an output size other than the input's) and the
+    # fallback give conv(x), values and gradients
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 6, kernel, padding=padding, groups=6)
+    volume = torch.randn(2, 7, 5, 9, 6).permute(0, 4, 1, 2, 3)  # (B, C, D, h, w), channels-last like tokens
+    volume = volume if channels_last else volume.contiguous()
+    params = list(conv.parameters())
+    assert_same_function(lambda v: depthwise_conv3d(v, conv), conv, volume, params, params)

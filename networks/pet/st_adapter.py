@@ -14,7 +14,7 @@ from torch import nn
 
 from ..context import SliceContext
 from .base import AdapterSite, InsertingMethod, register_method
-from .layers import PatchTokenModule, tokens_to_volume, volume_to_tokens
+from .layers import PatchTokenModule, depthwise_conv3d, tokens_to_volume, volume_to_tokens
 
 __all__ = ["STAdapterConfig", "STAdapter", "STAdapterMethod"]
 
@@ -41,7 +41,8 @@ class STAdapter(PatchTokenModule):
 
     def transform(self, tokens: torch.Tensor) -> torch.Tensor:
         z = self.down(tokens)
-        z = volume_to_tokens(self.conv(tokens_to_volume(z, self.layout, self.context)), z, self.layout)
+        volume = depthwise_conv3d(tokens_to_volume(z, self.layout, self.context), self.conv)
+        z = volume_to_tokens(volume, z, self.layout)
         return tokens + self.up(z)
 
 
