@@ -6,6 +6,7 @@ MONAI does not have live here.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from pathlib import Path
@@ -34,6 +35,23 @@ def distributed() -> bool:
 def is_main_process() -> bool:
     """The process that writes shared files: the only one, or rank 0."""
     return not distributed() or torch.distributed.get_rank() == 0
+
+
+def finish_distributed(network: torch.nn.Module | None = None) -> None:
+    """Wait for every rank, then take the process group down while the interpreter is fully alive.
+
+    ``destroy_process_group`` leaves the group to whoever still holds it, and DistributedDataParallel's
+    reducer does, so gloo's worker threads would otherwise be destroyed during interpreter teardown, where
+    the C++ runtime can abort a finished run ("terminate called without an active exception").
+    """
+    if not distributed():
+        return
+    torch.distributed.barrier()
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        for name in ("logger", "reducer", "process_group"):  # the wrapper is done with; these hold the group
+            network.__dict__.pop(name, None)
+    torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def bundle_root(name: str) -> str:

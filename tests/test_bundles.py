@@ -208,6 +208,31 @@ def test_multi_gpu_train_runs_two_gloo_processes(trained):
     assert BUNDLES[bundle]["metrics"] <= set(metrics)
 
 
+def _gloo_threads() -> list[str]:
+    names = (Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in os.listdir("/proc/self/task"))
+    return [name for name in names if "gloo" in name]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_finish_distributed_stops_gloo_threads_held_by_ddp(tmp_path):
+    """DDP's reducer keeps the group's threads alive past destroy_process_group; left to interpreter teardown,
+    their destruction intermittently aborted a finished multi-GPU run (SIGABRT after the last log line)."""
+    import torch
+    from bundles.common import finish_distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        model(torch.randn(3, 4)).sum().backward()
+        assert _gloo_threads()
+        finish_distributed(model)
+        assert not torch.distributed.is_initialized()
+        assert _gloo_threads() == []
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def _raw_cases(work: Path) -> list[dict]:
     """The demo's labelled raw cases as MONAI Label's datastore lists them (image file(s) + label map)."""
     from preprocessing.dataset import RawDataset
