@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,8 +36,8 @@ from torch import nn
 # ``checkpoint``), used the same way: started in a forward pre-hook, finished in a forward hook.
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
 
-__all__ = ["configure_frozen_blocks", "default_device_type", "native_bfloat16", "FROZEN_PRECISIONS",
-           "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
+__all__ = ["configure_frozen_blocks", "RecomputeRecipe", "default_device_type", "native_bfloat16",
+           "FROZEN_PRECISIONS", "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
 
 MIN_COMPRESSED_NUMEL = 1 << 16  # small saved tensors (softmax log-sum-exp, statistics) stay exact
 FROZEN_PRECISIONS = ("auto", "bfloat16", "float32")
@@ -82,6 +83,14 @@ def _cast(output, dtype: torch.dtype):
     return output
 
 
+# (block, its forward's positional args) -> (a function of ``inputs`` equal to the block's forward, inputs)
+RecomputeRecipe = Callable[[nn.Module, tuple], tuple[Callable, tuple]]
+
+
+def _own_inputs(module: nn.Module, args: tuple) -> tuple[Callable, tuple]:
+    return module.forward, args
+
+
 @contextlib.contextmanager
 def _recomputed(forward, *args):
     # fn, preserve_rng_state (drop path), context_fn, determinism_check, debug, early_stop, *args
@@ -93,9 +102,10 @@ class _FrozenBlockScope:
     (before any forward hook an adapter added runs, and also when the block raised). Inside: bfloat16
     autocast, and either compressed saved tensors or a checkpoint that recomputes the block."""
 
-    def __init__(self, activations: str, bfloat16: bool) -> None:
+    def __init__(self, activations: str, bfloat16: bool, recipe: RecomputeRecipe | None = None) -> None:
         self.activations = activations
         self.bfloat16 = bfloat16
+        self.recipe = recipe or _own_inputs
         self.stack: list[tuple[list, torch.dtype | None]] = []
 
     def enter(self, module: nn.Module, args: tuple) -> None:
@@ -109,7 +119,8 @@ class _FrozenBlockScope:
         if torch.is_grad_enabled() and self.activations == "recompute":
             # entered inside the autocast above, which the recomputation restores; it calls
             # ``module.forward`` (no hooks), so neither this scope nor any adapter runs twice
-            contexts.append(_recomputed(module.forward, *args))
+            forward, inputs = self.recipe(module, args)
+            contexts.append(_recomputed(forward, *inputs))
         for context in contexts:
             context.__enter__()
         self.stack.append((contexts, dtype))
@@ -137,7 +148,12 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
     says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
     adapter sites whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left
     alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
-    would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen."""
+    would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
+
+    A recomputed block keeps its forward's inputs to the backward pass. A network whose blocks are also
+    handed something large that is cheap to build again (SwinUNETR's attention masks) says so with a
+    ``recompute_recipe(block, args) -> (forward, inputs)`` method (:data:`RecomputeRecipe`): only
+    ``inputs`` are kept and ``forward(*inputs)`` must compute what ``block(*args)`` did."""
     check_frozen_options(activations, precision)
     if activations == "auto":
         activations = getattr(model, "frozen_activations_auto", "recompute")
@@ -156,7 +172,7 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
             for layer in block.modules():
                 if isinstance(layer, MATRIX_LAYERS):
                     layer.to(torch.bfloat16)
-        scope = _FrozenBlockScope(activations, bfloat16)
+        scope = _FrozenBlockScope(activations, bfloat16, getattr(model, "recompute_recipe", None))
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)
     return len(blocks)

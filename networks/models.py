@@ -7,11 +7,13 @@ per-slice logits are folded back to ``[B, K, D, H, W]``. Every network exposes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import compute_mask, get_window_size
 from torch import nn
 
 from .context import SliceContext
@@ -183,8 +185,27 @@ class SwinUNETRNet(SwinUNETR):
                 sites.append(AdapterSite(blk, blk.dim, s, j == len(stage.blocks) - 1, "ndhwc", depth, (2, 2, 2)))
         return sites
 
+    def recompute_recipe(self, block: nn.Module, args: tuple) -> tuple[Callable, tuple]:
+        """A recomputed frozen block keeps only its tokens; the shifted-window attention mask its stage hands
+        it is built again at recomputation. Kept instead, the mask would be the largest thing Med-Tuning
+        holds in the encoder (stage 1 of a 96^3 patch: [343, 343, 343] float32, 154 MB), where full
+        fine-tuning frees it after the forward pass (adding a constant saves nothing)."""
+        tokens, mask = args
+        if mask is None or not any(block.shift_size):  # an unshifted block never reads the mask
+            return (lambda x: block.forward(x, None)), (tokens,)
+        stage = next(s for s in self.stages() if any(b is block for b in s.blocks))
+        return (lambda x: block.forward(x, _stage_attention_mask(stage, x))), (tokens,)
+
     def load_pretrained(self, path: str | Path) -> LoadReport:
         return load_swinunetr_weights(self, path)
+
+
+def _stage_attention_mask(stage: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The mask MONAI's ``BasicLayer.forward`` builds for its blocks, from their [B, D, H, W, C] tokens."""
+    grid = tuple(tokens.shape[1:4])
+    window, shift = get_window_size(grid, stage.window_size, stage.shift_size)
+    padded = [math.ceil(n / w) * w for n, w in zip(grid, window)]
+    return compute_mask(padded, window, shift, tokens.device)
 
 
 NETWORKS: dict[str, type[nn.Module]] = {

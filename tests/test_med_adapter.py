@@ -157,6 +157,24 @@ def test_frozen_activations_recomputed_or_narrowed_keep_gradients(name, options,
         build_network(name, "med_adapter", frozen_activations="fp8", **options)
 
 
+def test_recomputed_swinunetr_blocks_build_their_attention_mask_again():
+    """The stage's shifted-window mask ([windows, 343, 343]) is not kept for the backward pass; the
+    gradient test above checks that the rebuilt one is the same."""
+    torch.manual_seed(0)
+    net = build_network("swinunetr", "med_adapter", frozen_activations="recompute", **TINY_SWINUNETR).train()
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(torch.randn(1, 1, 64, 64, 64))
+    assert (125, 343, 343) not in shapes and (27, 343, 343) not in shapes  # stages 1 and 2 at 64^3
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.med_adapter.parameters())
+
+
 @pytest.mark.parametrize("name,options,shape", [("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
                                                 ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64)),
                                                 ("swinunetr", TINY_SWINUNETR, (1, 1, 64, 64, 64))])
