@@ -44,15 +44,21 @@ def assert_same_function(ours, reference, x: torch.Tensor, our_params, reference
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def forward_counting_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``net(x)`` and the bytes its forward keeps for the backward pass, as an outer saved-tensor hook
+def forward_keeping_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``net(x)`` and the tensors its forward keeps for the backward pass, as an outer saved-tensor hook
     sees them (a checkpointed region shows only what it keeps for its recomputation)."""
-    sizes = []
+    saved = []
 
     def pack(t):
-        sizes.append(t.numel() * t.element_size())
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x)
-    return out, sum(sizes)
+    return out, saved
+
+
+def forward_counting_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``net(x)`` and the bytes of :func:`forward_keeping_saved`'s tensors."""
+    out, saved = forward_keeping_saved(net, x)
+    return out, sum(t.numel() * t.element_size() for t in saved)

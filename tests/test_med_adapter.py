@@ -10,7 +10,8 @@ from torch import nn
 from networks import build_network
 from networks.pet.med_adapter import DepthwiseBranch, FrequencyFilter, MedAdapter
 
-from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, forward_counting_saved, tuned_gradients
+from .conftest import (TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, forward_counting_saved,
+                       forward_keeping_saved, tuned_gradients)
 
 
 def reference_fft_branch(x, weight, bias):
@@ -162,14 +163,8 @@ def test_recomputed_swinunetr_blocks_build_their_attention_mask_again():
     gradient test above checks that the rebuilt one is the same."""
     torch.manual_seed(0)
     net = build_network("swinunetr", "med_adapter", frozen_activations="recompute", **TINY_SWINUNETR).train()
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(torch.randn(1, 1, 64, 64, 64))
+    out, saved = forward_keeping_saved(net, torch.randn(1, 1, 64, 64, 64))
+    shapes = [tuple(t.shape) for t in saved]
     assert (125, 343, 343) not in shapes and (27, 343, 343) not in shapes  # stages 1 and 2 at 64^3
     out.mean().backward()
     assert all(p.grad is not None for p in net.med_adapter.parameters())
