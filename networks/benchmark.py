@@ -63,7 +63,8 @@ def _network(args: argparse.Namespace, model: str, method: str, frozen_precision
     options = dict(in_channels=args.in_channels, num_classes=args.classes,
                    frozen_precision=frozen_precision or args.frozen_precision, frozen_activations=args.frozen_activations)
     if model == "swinunetr":  # native 3D: the volume's depth sizes the Med-Adapters' FFT weights
-        return build_network(model, method, img_size=args.slices, feature_size=args.feature_size, **options)
+        return build_network(model, method, img_size=args.slices, feature_size=args.feature_size,
+                             memory_efficient_blocks=not args.monai_blocks, **options)
     return build_network(model, method, img_size=args.img_size, num_slices=args.slices, **options)
 
 
@@ -99,13 +100,19 @@ def train_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_memory_bytes": int(peak), "tuned_params": sum(p.numel() for p in params)}), flush=True)
 
 
-def _start_worker(args: argparse.Namespace, model: str, method: str, for_memory: bool) -> subprocess.Popen:
+def _worker_command(args: argparse.Namespace, model: str, method: str) -> list[str]:
     cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
            "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
            "--feature-size", str(args.feature_size), "--frozen-precision", args.frozen_precision,
            "--frozen-activations", args.frozen_activations]
     cmd += ["--amp"] if args.amp else []
+    cmd += ["--monai-blocks"] if args.monai_blocks else []
+    return cmd
+
+
+def _start_worker(args: argparse.Namespace, model: str, method: str, for_memory: bool) -> subprocess.Popen:
+    cmd = _worker_command(args, model, method)
     env = dict(os.environ)
     if for_memory:
         # A fixed mmap threshold makes glibc hand large buffers back at once, so the peak resident size
@@ -187,10 +194,13 @@ def inference_times(args: argparse.Namespace, model: str) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m networks.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--feature-size", type=int, default=48, help="SwinUNETR width (MONAI's recipes: 48)")
+    parser.add_argument("--monai-blocks", action="store_true",
+                        help="SwinUNETR's convolutional blocks with MONAI's own forward instead of "
+                             "networks.unet_blocks' (both methods; for comparison)")
     parser.add_argument("--device", default=default_device_type())
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slices", type=int, default=None, help="slices per volume (default: 128 on GPU, 32 on CPU)")
@@ -208,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.slices is None:
         args.slices = 32 if args.device == "cpu" else 128
     if args.worker_model:
@@ -219,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                f" batch={args.batch} volume={args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
                f" amp={'bf16' if args.amp else 'off'} frozen_precision={args.frozen_precision}"
                f" frozen_activations={args.frozen_activations}"
+               f"{' swinunetr_blocks=monai' if args.monai_blocks and 'swinunetr' in args.models else ''}"
                f" steps={args.steps} (+{args.warmup} warm-up)")
     print(setting)
     if args.device == "cpu" and args.slices != 128 and any(m != "swinunetr" for m in args.models):

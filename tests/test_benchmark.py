@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from networks.benchmark import paired_ratios
+from networks.benchmark import _network, _worker_command, build_parser, paired_ratios
+from networks.unet_blocks import MemoryEfficientUnetResBlock
 
 from .conftest import REPO
 
@@ -33,3 +34,14 @@ def test_step_time_ratio_pairs_steps_that_ran_together():
     # a machine slowing down mid-run (2x) must not show up as a difference between the methods
     full, med = [1.0, 2.0, 2.0], [0.8, 1.6, 1.6]
     assert paired_ratios(full, med) == pytest.approx([0.8, 0.8, 0.8])
+
+
+@pytest.mark.parametrize("monai_blocks", [False, True])
+def test_benchmark_workers_build_the_swinunetr_blocks_asked_for(monai_blocks):
+    options = ["--models", "swinunetr", "--in-channels", "1", "--classes", "2", "--slices", "32", "--img-size", "32",
+               "--feature-size", "12"] + (["--monai-blocks"] if monai_blocks else [])
+    args = build_parser().parse_args(options)
+    command = _worker_command(args, "swinunetr", "full")
+    worker_args = build_parser().parse_args(command[command.index("--worker-model"):])
+    net = _network(worker_args, worker_args.worker_model, worker_args.worker_method)
+    assert any(isinstance(m, MemoryEfficientUnetResBlock) for m in net.modules()) is not monai_blocks
