@@ -125,14 +125,15 @@ def _conv_over_parts(conv: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Te
     the weight's input channels, summed (each part is kept once, by its own convolution)."""
     if len(parts) == 1:
         return conv(parts[0])
+    channels = sum(part.shape[1] for part in parts)
+    if channels != conv.in_channels:
+        raise ValueError(f"parts have {channels} channels, the convolution takes {conv.in_channels}")
     out, start = None, 0
     for i, part in enumerate(parts):
         weight = conv.weight[:, start:start + part.shape[1]]
         term = conv._conv_forward(part, weight, conv.bias if i == 0 else None)
         out = term if out is None else out.add_(term)
         start += part.shape[1]
-    if start != conv.in_channels:
-        raise ValueError(f"parts have {start} channels, the convolution takes {conv.in_channels}")
     return out
 
 

@@ -118,3 +118,9 @@ def test_memory_efficient_blocks_refuse_second_derivatives():
     (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|double backward|second"):
         grad.sum().backward()
+
+
+def test_up_block_with_a_skip_of_the_wrong_width_names_both_widths():
+    block = _lean_copy(UnetrUpBlock(3, 16, 8, 3, 2, "instance", res_block=True))
+    with pytest.raises(ValueError, match="parts have 20 channels, the convolution takes 16"):
+        block(torch.randn(1, 16, 3, 3, 3), torch.randn(1, 12, 6, 6, 6))
