@@ -169,13 +169,12 @@ def _plain_conv(conv: nn.Module) -> bool:
 
 
 def _supported(block: UnetResBlock) -> bool:
-    norms = [block.norm1, block.norm2] + ([block.norm3] if hasattr(block, "norm3") else [])
-    eps = {n.eps for n in norms if isinstance(n, INSTANCE_NORMS)}
+    norms = [block.norm1, block.norm2] + ([block.norm3] if block.downsample else [])
+    convs = [block.conv1, block.conv2] + ([block.conv3] if block.downsample else [])
     return (all(isinstance(n, INSTANCE_NORMS) and not n.affine and not n.track_running_stats for n in norms)
-            and len(eps) == 1
+            and len({n.eps for n in norms}) == 1
             and isinstance(block.lrelu, nn.LeakyReLU) and block.lrelu.negative_slope > 0
-            and all(_plain_conv(c) for c in (block.conv1, block.conv2, getattr(block, "conv3", block.conv1)))
-            and hasattr(block, "conv3") == block.downsample)
+            and all(map(_plain_conv, convs)))
 
 
 def use_memory_efficient_blocks(module: nn.Module) -> int:
