@@ -36,6 +36,8 @@ from torch import nn
 # ``checkpoint``), used the same way: started in a forward pre-hook, finished in a forward hook.
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
 
+from .frozen_swin import supports_frozen_swin_block
+
 __all__ = ["configure_frozen_blocks", "RecomputeRecipe", "default_device_type", "native_bfloat16",
            "FROZEN_PRECISIONS", "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
 
@@ -91,6 +93,12 @@ def _own_inputs(module: nn.Module, args: tuple) -> tuple[Callable, tuple]:
     return module.forward, args
 
 
+def _own_backward(module: nn.Module, x) -> bool:
+    # a block that keeps only its input and forms its input gradient itself (networks.frozen_swin)
+    uses = getattr(module, "uses_hand_written_backward", None)
+    return uses is not None and isinstance(x, torch.Tensor) and uses(x)
+
+
 @contextlib.contextmanager
 def _recomputed(forward, *args):
     # fn, preserve_rng_state (drop path), context_fn, determinism_check, debug, early_stop, *args
@@ -116,7 +124,7 @@ class _FrozenBlockScope:
             dtype = x.dtype
         if torch.is_grad_enabled() and self.activations == "bfloat16":
             contexts.append(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack))
-        if torch.is_grad_enabled() and self.activations == "recompute":
+        if torch.is_grad_enabled() and self.activations == "recompute" and not _own_backward(module, x):
             # entered inside the autocast above, which the recomputation restores; it calls
             # ``module.forward`` (no hooks), so neither this scope nor any adapter runs twice
             forward, inputs = self.recipe(module, args)
@@ -150,7 +158,10 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
     alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
     would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
 
-    A recomputed block keeps its forward's inputs to the backward pass. A network whose blocks are also
+    Where ``"recompute"`` applies, a frozen Swin block of :mod:`networks.swin` with nothing hooked inside it
+    computes its input gradient by hand instead (:mod:`networks.frozen_swin`: the same thing, kept and
+    recomputed more cheaply); others are checkpointed. A recomputed block keeps its forward's inputs to the
+    backward pass. A network whose blocks are also
     handed something large that is cheap to build again (SwinUNETR's attention masks) says so with a
     ``recompute_recipe(block, args) -> (forward, inputs)`` method (:data:`RecomputeRecipe`): only
     ``inputs`` are kept and ``forward(*inputs)`` must compute what ``block(*args)`` did."""
@@ -172,6 +183,8 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
             for layer in block.modules():
                 if isinstance(layer, MATRIX_LAYERS):
                     layer.to(torch.bfloat16)
+        if activations == "recompute" and hasattr(block, "hand_written_backward") and supports_frozen_swin_block(block):
+            block.hand_written_backward = True
         scope = _FrozenBlockScope(activations, bfloat16, getattr(model, "recompute_recipe", None))
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)
