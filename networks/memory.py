@@ -154,8 +154,8 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
                             blocks: list[nn.Module] | None = None, recomputable: bool = True) -> int:
     """Run frozen blocks in bfloat16 (``precision``) and keep their saved activations as ``activations``
     says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
-    adapter sites whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left
-    alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
+    adapter sites and the layers between them that its ``frozen_layers()`` lists (Swin's patch merging),
+    those whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
     would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
 
     Where ``"recompute"`` applies, a frozen Swin block of :mod:`networks.swin` with nothing hooked inside it
@@ -174,7 +174,7 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
     if activations == "float32" and not bfloat16:
         return 0
     if blocks is None:
-        blocks = [s.module for s in model.adapter_sites()]
+        blocks = [s.module for s in model.adapter_sites()] + list(getattr(model, "frozen_layers", list)())
     blocks = [b for b in blocks if not any(p.requires_grad for p in b.parameters())]
     for block in blocks:
         if bfloat16:

@@ -20,7 +20,7 @@ from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
 from .memory import check_frozen_options, configure_frozen_blocks
 from .pet.base import AdapterSite
-from .swin import SwinTransformer
+from .swin import PatchMerging, SwinTransformer
 from .unet_blocks import use_memory_efficient_blocks
 from .vit import VisionTransformer
 from .weights import LoadReport, load_backbone_weights, load_swinunetr_weights
@@ -127,6 +127,11 @@ class SwinUNet(SliceVolumeNet):
                 sites.append(AdapterSite(blk, self.backbone.embed_dims[s], s, j == len(stage.blocks) - 1, "nhwc",
                                          self.num_slices, (1, 2, 2)))
         return sites
+
+    def frozen_layers(self) -> list[nn.Module]:
+        """Encoder layers between the blocks that run like them when frozen (:mod:`networks.memory`): the
+        patch mergings, a LayerNorm and a ``4C -> 2C`` matrix on every stage's input."""
+        return [stage.downsample for stage in self.backbone.layers if isinstance(stage.downsample, PatchMerging)]
 
     def init_decoder_from_encoder(self) -> list[str]:
         """Copy encoder Swin blocks into the mirrored decoder blocks, as Swin-Unet initialises

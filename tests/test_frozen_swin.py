@@ -138,3 +138,19 @@ def test_med_tuning_gradients_equal_checkpointing_in_float32():
         net(torch.randn(1, 4, 8, 64, 64)).square().mean().backward()
         grads[hand_written] = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_patch_mergings_run_like_the_blocks():
+    # bfloat16 matrices and only their input kept, like the blocks around them; tuned ones stay float32
+    merging = {}
+    for method in ("med_adapter", "full"):
+        net = build_network("swin_unet", method, frozen_precision="bfloat16", **TINY_SWIN)
+        merging[method] = [stage.downsample for stage in net.backbone.layers[1:]]
+        assert merging[method] == net.frozen_layers()
+    assert {m.reduction.weight.dtype for m in merging["med_adapter"]} == {torch.bfloat16}
+    assert {m.norm.weight.dtype for m in merging["med_adapter"]} == {torch.float32}
+    assert all(m.reduction.weight.dtype == torch.float32 and m.reduction.weight.requires_grad
+               for m in merging["full"])
+    x = torch.randn(2, 8, 8, 24, requires_grad=True)
+    out, saved = forward_keeping_saved(merging["med_adapter"][0], x)
+    assert out.dtype == torch.float32 and [t is x for t in saved] == [True]
