@@ -20,6 +20,7 @@ to its input. Two things follow from it being frozen:
   pass reads them (no recomputation, more memory); ``"float32"`` keeps them as computed. What the
   recomputation costs depends on the network: a few per cent of Swin-UNet's step, whose decoder
   dominates, ~30 % of ViT-B/16 + UPerNet's, so the default (``"auto"``) lets each network choose.
+  Frozen Swin blocks do their recomputation and backward pass by hand (:mod:`networks.frozen_swin`).
   Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
   :mod:`networks.pet.med_adapter`).
 """
@@ -154,17 +155,18 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
                             blocks: list[nn.Module] | None = None, recomputable: bool = True) -> int:
     """Run frozen blocks in bfloat16 (``precision``) and keep their saved activations as ``activations``
     says (:data:`FROZEN_ACTIVATIONS`); returns how many blocks. ``blocks`` defaults to the network's
-    adapter sites and the layers between them that its ``frozen_layers()`` lists (Swin's patch merging),
-    those whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left alone). ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation
-    would read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
+    adapter sites and the layers between them that its ``frozen_layers()`` lists (Swin's patch mergings),
+    those whose parameters are all frozen (a block holding tuned parameters, e.g. LoRA's, is left alone).
+    ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation would
+    read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
 
-    Where ``"recompute"`` applies, a frozen Swin block of :mod:`networks.swin` with nothing hooked inside it
-    computes its input gradient by hand instead (:mod:`networks.frozen_swin`: the same thing, kept and
-    recomputed more cheaply); others are checkpointed. A recomputed block keeps its forward's inputs to the
-    backward pass. A network whose blocks are also
-    handed something large that is cheap to build again (SwinUNETR's attention masks) says so with a
-    ``recompute_recipe(block, args) -> (forward, inputs)`` method (:data:`RecomputeRecipe`): only
-    ``inputs`` are kept and ``forward(*inputs)`` must compute what ``block(*args)`` did."""
+    Where ``"recompute"`` applies, a frozen Swin block of :mod:`networks.swin` with nothing hooked inside
+    it forms its input gradient by hand (:mod:`networks.frozen_swin`: the same gradient, recomputed more
+    cheaply); other blocks are checkpointed. Either way a block keeps only its forward's inputs for the
+    backward pass. A network whose blocks are also handed something large that is cheap to build again
+    (SwinUNETR's attention masks) says so with a ``recompute_recipe(block, args) -> (forward, inputs)``
+    method (:data:`RecomputeRecipe`): only ``inputs`` are kept and ``forward(*inputs)`` must compute what
+    ``block(*args)`` did."""
     check_frozen_options(activations, precision)
     if activations == "auto":
         activations = getattr(model, "frozen_activations_auto", "recompute")
