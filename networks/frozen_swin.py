@@ -50,10 +50,12 @@ def window_order(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]
     """Token order of the shifted windows of ``batch`` maps of ``h x w`` tokens:
     ``tokens[order]`` is ``window_partition(roll(tokens, -shift))`` flattened (map by map, window by window,
     row by row inside a window)."""
-    index = torch.arange(h * w, device=device).view(h, w)
+    from .swin import window_partition  # networks.swin dispatches its frozen blocks to this module
+
+    index = torch.arange(h * w, device=device).view(1, h, w, 1)
     if any(shift):
-        index = torch.roll(index, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    index = index.view(h // window[0], window[0], w // window[1], window[1]).permute(0, 2, 1, 3).reshape(-1)
+        index = torch.roll(index, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    index = window_partition(index, window).reshape(-1)
     return (torch.arange(batch, device=device).view(batch, 1) * (h * w) + index).view(-1)
 
 
@@ -123,7 +125,7 @@ class _Plan:
 
 def _attention(block: nn.Module, plan: _Plan, rows: torch.Tensor, bias: torch.Tensor):
     """Attention branch of a chunk of float32 window rows ``(T, C)``: LayerNorm, qkv, softmax, proj; with
-    what its backward pass reads."""
+    what its backward pass reads (LayerNorm statistics, q, k, v, the attention weights)."""
     attn, c, n, heads = block.attn, plan.channels, plan.n, plan.heads
     n1, mean1, rstd1 = torch.native_layer_norm(rows, (c,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
     qkv = F.linear(n1.to(plan.dtype), attn.qkv.weight, attn.qkv.bias)
@@ -137,11 +139,16 @@ def _attention(block: nn.Module, plan: _Plan, rows: torch.Tensor, bias: torch.Te
     weights_low = weights.to(plan.dtype)
     out = torch.matmul(weights_low, v).transpose(1, 2).reshape(-1, c)
     out = F.linear(out, attn.proj.weight, attn.proj.bias)
-    return out, (n1, mean1, rstd1, q, k, v, weights, weights_low)
+    return out, (mean1, rstd1, q, k, v, weights, weights_low)
+
+
+def _kept(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``t`` scaled by the stochastic-depth factors of its rows (none: kept whole)."""
+    return t if keep is None else t * keep
 
 
 def _residual(rows: torch.Tensor, branch: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return rows + (branch if keep is None else branch * keep)
+    return rows + _kept(branch, keep)
 
 
 def _pre_activation(block: nn.Module, plan: _Plan, mid: torch.Tensor):
@@ -182,17 +189,17 @@ def _input_gradient(block: nn.Module, x: torch.Tensor, keep1, keep2, grad: torch
         rows = flat.index_select(0, index).float()
         # recompute what the input gradient needs: the attention branch, the residual between the two
         # sub-layers and the MLP's pre-activation
-        attn_out, (n1, mean1, rstd1, q, k, v, weights, weights_low) = _attention(
+        attn_out, (mean1, rstd1, q, k, v, weights, weights_low) = _attention(
             block, plan, rows, plan.chunk_bias(first, count))
         mid = _residual(rows, attn_out, keep_attn)
         pre, mean2, rstd2 = _pre_activation(block, plan, mid)
         # MLP: out = mid + keep2 * fc2(gelu(fc1(norm2(mid))))
         g_out = grad_flat.index_select(0, index).float()
-        g = g_out if keep_mlp is None else g_out * keep_mlp
+        g = _kept(g_out, keep_mlp)
         g = torch.ops.aten.gelu_backward(g.to(dtype) @ mlp.fc2.weight, pre) @ mlp.fc1.weight
         grad_mid = _layer_norm_input_gradient(g, mid, mean2, rstd2, block.norm2).add_(g_out)
         # attention: mid = rows + keep1 * proj(softmax(q k^T * scale + bias) v)
-        g = grad_mid if keep_attn is None else grad_mid * keep_attn
+        g = _kept(grad_mid, keep_attn)
         g = (g.to(dtype) @ attn.proj.weight).view(-1, n, heads, c // heads).transpose(1, 2)
         grad_v = weights_low.transpose(-2, -1) @ g
         grad_weights = (g @ v.transpose(-2, -1)).float()

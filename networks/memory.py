@@ -37,8 +37,6 @@ from torch import nn
 # ``checkpoint``), used the same way: started in a forward pre-hook, finished in a forward hook.
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
 
-from .frozen_swin import supports_frozen_swin_block
-
 __all__ = ["configure_frozen_blocks", "RecomputeRecipe", "default_device_type", "native_bfloat16",
            "FROZEN_PRECISIONS", "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
 
@@ -160,9 +158,10 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
     ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation would
     read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
 
-    Where ``"recompute"`` applies, a frozen Swin block of :mod:`networks.swin` with nothing hooked inside
-    it forms its input gradient by hand (:mod:`networks.frozen_swin`: the same gradient, recomputed more
-    cheaply); other blocks are checkpointed. Either way a block keeps only its forward's inputs for the
+    Where ``"recompute"`` applies, a block that can form its input gradient by hand says so with
+    ``use_hand_written_backward()`` and ``uses_hand_written_backward(x)`` (a frozen Swin block of
+    :mod:`networks.swin` with nothing hooked inside it, :mod:`networks.frozen_swin`: the same gradient,
+    recomputed more cheaply); other blocks are checkpointed. Either way a block keeps only its forward's inputs for the
     backward pass. A network whose blocks are also handed something large that is cheap to build again
     (SwinUNETR's attention masks) says so with a ``recompute_recipe(block, args) -> (forward, inputs)``
     method (:data:`RecomputeRecipe`): only ``inputs`` are kept and ``forward(*inputs)`` must compute what
@@ -185,8 +184,8 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
             for layer in block.modules():
                 if isinstance(layer, MATRIX_LAYERS):
                     layer.to(torch.bfloat16)
-        if activations == "recompute" and hasattr(block, "hand_written_backward") and supports_frozen_swin_block(block):
-            block.hand_written_backward = True
+        if activations == "recompute" and hasattr(block, "use_hand_written_backward"):
+            block.use_hand_written_backward()  # where it can: the block checks
         scope = _FrozenBlockScope(activations, bfloat16, getattr(model, "recompute_recipe", None))
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen_swin import frozen_swin_block, takes_input
+from .frozen_swin import frozen_swin_block, supports_frozen_swin_block, takes_input
 from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear, relative_position_index
 
 __all__ = ["SwinTransformer", "SwinTransformerBlock", "PatchMerging", "window_partition", "window_reverse"]
@@ -128,6 +128,12 @@ class SwinTransformerBlock(nn.Module):
         if any(ss):
             x = torch.roll(x, shifts=ss, dims=(1, 2))
         return x
+
+    def use_hand_written_backward(self) -> bool:
+        """Run as :func:`~networks.frozen_swin.frozen_swin_block` from now on, where that computes what this
+        block does (frozen, nothing hooked inside; :mod:`networks.memory` asks); returns whether it will."""
+        self.hand_written_backward = supports_frozen_swin_block(self)
+        return self.hand_written_backward
 
     def uses_hand_written_backward(self, x: torch.Tensor) -> bool:
         """Whether this call runs as :func:`~networks.frozen_swin.frozen_swin_block`: a frozen block, whole
