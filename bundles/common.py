@@ -17,12 +17,12 @@ import torch
 from ignite.engine import Engine
 from monai.transforms import MapTransform
 
-from preprocessing.io import DataError
+from ..preprocessing.io import DataError
 
 logger = logging.getLogger("medtuning")
 
 NO_DATASET = ("no dataset given. Point the bundle at a preprocessing work folder made by "
-              "`python -m preprocessing prepare {kind} SOURCE WORK` with --dataset_dir WORK, or run the demo: "
+              "`python -m medtuning.preprocessing prepare {kind} SOURCE WORK` with --dataset_dir WORK, or run the demo: "
               "python -m monai.bundle run --config_file \"['{bundle}/configs/train.json','{bundle}/configs/demo.json']\"")
 
 
@@ -68,7 +68,7 @@ def require_dataset(dataset_dir: str | None, kind: str, bundle: str) -> Path:
         raise DataError(f"{work}: dataset_dir does not exist")
     if not (work / "preprocessed" / "plan.json").is_file():
         raise DataError(f"{work}: not a preprocessing work folder (no preprocessed/plan.json); make one with "
-                        f"`python -m preprocessing prepare {kind} SOURCE {work}`")
+                        f"`python -m medtuning.preprocessing prepare {kind} SOURCE {work}`")
     return work
 
 
@@ -96,14 +96,14 @@ def training_plan(dataset_dir: str | None, ckpt_dir: str, kind: str, bundle: str
 
 def plan_spacing(plan_file: str | Path) -> list[float]:
     """The preprocessed grid's voxel size (z, y, x) in mm, so distances are reported in mm."""
-    from preprocessing.planning import load_plan
+    from ..preprocessing.planning import load_plan
 
     return [float(s) for s in load_plan(plan_file)["spacing"]]
 
 
 def case_id_of(path: str | Path) -> str:
     """Case id from an image file name, without the NIfTI ending and nnU-Net's channel suffix (_0000)."""
-    from preprocessing.io import strip_ending
+    from ..preprocessing.io import strip_ending
 
     name = strip_ending(Path(path).name)
     return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
@@ -124,8 +124,8 @@ class LoadCased(MapTransform):
         if isinstance(image, (str, Path)) and str(image).endswith(".npy"):
             d[self.image_key], d[self.label_key] = np.load(image), np.load(label)
             return d
-        from preprocessing.planning import load_plan
-        from preprocessing.preprocessor import preprocess_labelled_images
+        from ..preprocessing.planning import load_plan
+        from ..preprocessing.preprocessor import preprocess_labelled_images
 
         if self.plan_file is None:
             raise DataError(f"{image}: raw NIfTI training cases need the plan (plan_file)")
@@ -182,8 +182,8 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
     ``method_options`` is either the chosen method's options, or options per method name
     (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods.
     """
-    from networks import build_network
-    from networks.pet import available_methods
+    from ..networks import build_network
+    from ..networks.pet import available_methods
 
     method_options = dict(method_options or {})
     if method_options and set(method_options) <= set(available_methods()):
@@ -232,7 +232,7 @@ class TrainingCheckpoint:
         """The plan travels with the model: inference and MONAI Label preprocess new images with it."""
         if self.plan_file is None or not is_main_process():
             return
-        from preprocessing.io import atomic_path
+        from ..preprocessing.io import atomic_path
 
         target = self.ckpt_dir / "plan.json"
         if Path(self.plan_file).resolve() != target.resolve():
@@ -272,8 +272,8 @@ def msd_task(task: str) -> list[str]:
 
 def prepare_demo(kind: str, work: str | Path, task: str = "Task09_Spleen") -> str:
     """Synthetic data in the dataset's real layout, through the real convert -> plan -> preprocess path."""
-    from preprocessing import demo
-    from preprocessing.pipeline import prepare
+    from ..preprocessing import demo
+    from ..preprocessing.pipeline import prepare
 
     work = Path(work)
     if is_main_process():  # one rank writes, the others wait for it

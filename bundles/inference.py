@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, SaveImaged
 
-from preprocessing.io import DataError, Geometry, write_volume
-from preprocessing.planning import load_plan
+from ..preprocessing.io import DataError, Geometry, write_volume
+from ..preprocessing.planning import load_plan
 
 from .common import case_id_of
 
@@ -41,7 +41,7 @@ def inference_plan(ckpt_dir: str | Path, dataset_dir: str | Path | None = None) 
 def inference_datalist(dataset_dir: str | Path | None, images: Sequence | str | None = None) -> list[dict]:
     """Cases to predict: ``images`` (a file, a list of cases, each a file or a list of channel files) or,
     when not given, the unlabelled ``imagesTs`` cases of the work folder's raw dataset."""
-    from preprocessing.dataset import RawDataset
+    from ..preprocessing.dataset import RawDataset
 
     if images is None:
         if not dataset_dir:
@@ -74,7 +74,7 @@ class PlanPreprocessd(MapTransform):
         self.plan = load_plan(plan_file)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from preprocessing.preprocessor import preprocess_images
+        from ..preprocessing.preprocessor import preprocess_images
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -150,8 +150,8 @@ class ToOriginalGridd(MapTransform):
         self.plan, self.properties_key = load_plan(plan_file), properties_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from preprocessing.inverse import labels_to_original, to_dataset_values
-        from preprocessing.io import to_file_order
+        from ..preprocessing.inverse import labels_to_original, to_dataset_values
+        from ..preprocessing.io import to_file_order
 
         d = dict(data)
         properties = json.loads(d[self.properties_key])

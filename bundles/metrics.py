@@ -15,7 +15,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_tensor, evenly_divisible_all_gather, string_list_all_gather
 
-from preprocessing.io import atomic_path, save_json
+from ..preprocessing.io import atomic_path, save_json
 
 from .common import distributed, is_main_process
 

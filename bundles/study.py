@@ -1,7 +1,7 @@
 """Compare tuning methods on one dataset for the same budget, the way the paper's Tables 1-3 and Figure 3 do.
 
-    python -m bundles.study --bundle medtuning_brats --methods head,med_adapter,lora,full --work study/
-    python -m bundles.study --bundle medtuning_kits --dataset_dir /data/kits_work --network paper --epochs 50
+    python -m medtuning.bundles.study --bundle medtuning_brats --methods head,med_adapter,lora,full --work study/
+    python -m medtuning.bundles.study --bundle medtuning_kits --dataset_dir /data/kits_work --network paper --epochs 50
 
 Each method trains in its own process through the bundle's own train.json (so peak memory is that
 method's alone) and leaves ``WORK/METHOD/result.json``; a rerun skips methods whose result was made with
@@ -22,14 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from preprocessing.io import DataError, atomic_path, save_json
+from ..preprocessing.io import DataError, atomic_path, save_json
 
-REPO = Path(__file__).resolve().parents[1]
 KINDS = {"medtuning_brats": "brats", "medtuning_kits": "kits19"}
 
 
 def _configs(bundle: str) -> Path:
-    return REPO / "bundles" / bundle / "configs"
+    from .common import bundle_source
+
+    return bundle_source(bundle) / "configs"
 
 
 def settings_for(args: argparse.Namespace, method: str) -> dict:
@@ -50,8 +51,8 @@ def train_one(settings: dict, out: Path) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from networks.benchmark import peak_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
-    from networks.summary import parameter_summary
+    from ..networks.benchmark import peak_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    from ..networks.summary import parameter_summary
 
     bundle = settings["bundle"]
     files = [str(_configs(bundle) / "train.json")]
@@ -172,9 +173,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 # ------------------------------------------------------------------------------------------ command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from networks.pet import available_methods
+    from ..networks.pet import available_methods
 
-    parser = argparse.ArgumentParser(prog="python -m bundles.study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medtuning.bundles.study", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", choices=sorted(KINDS), default="medtuning_brats")
     parser.add_argument("--methods", default="head,med_adapter,adapter,adaptformer,lora,full",
                         help=f"comma-separated, from: {', '.join(available_methods())}")
@@ -224,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(done)
                 continue
         print(f"{method}: training", flush=True)
-        command = [sys.executable, "-m", "bundles.study", *(argv if argv is not None else sys.argv[1:]),
+        command = [sys.executable, "-m", __spec__.name, *(argv if argv is not None else sys.argv[1:]),
                    "--dataset_dir", str(args.dataset_dir), "--network", args.network, "--one", method]
-        process = subprocess.run(command, cwd=REPO)
+        process = subprocess.run(command)
         if process.returncode != 0 or not result_file.is_file():
             failed.append(method)
             print(f"{method}: FAILED (exit {process.returncode})", file=sys.stderr, flush=True)

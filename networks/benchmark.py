@@ -7,8 +7,8 @@ Prints ratios; ``--json`` writes every figure. The step-time ratio is the median
 (each Med-Tuning step over the full step run next to it), printed with their range: on a shared
 machine single steps vary by tens of per cent.
 
-    python -m networks.benchmark                      # CPU: reduced depth, says so
-    python -m networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
+    python -m medtuning.networks.benchmark                      # CPU: reduced depth, says so
+    python -m medtuning.networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
 
 Peak memory is ``torch.accelerator.max_memory_allocated`` on a GPU and the growth of the process's peak
 resident memory over its size after the imports on the CPU (weights, gradients, optimizer state,
@@ -101,7 +101,7 @@ def train_worker(args: argparse.Namespace) -> None:
 
 
 def _worker_command(args: argparse.Namespace, model: str, method: str) -> list[str]:
-    cmd = [sys.executable, "-m", "networks.benchmark", "--worker-model", model, "--worker-method", method,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker-model", model, "--worker-method", method,
            "--device", args.device, "--batch", str(args.batch), "--slices", str(args.slices),
            "--img-size", str(args.img_size), "--in-channels", str(args.in_channels), "--classes", str(args.classes),
            "--feature-size", str(args.feature_size), "--frozen-precision", args.frozen_precision,
@@ -195,7 +195,7 @@ def inference_times(args: argparse.Namespace, model: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m networks.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medtuning.networks.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--feature-size", type=int, default=48, help="SwinUNETR width (MONAI's recipes: 48)")
     parser.add_argument("--monai-blocks", action="store_true",

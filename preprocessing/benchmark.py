@@ -5,7 +5,7 @@ that load on a shared machine falls on both alike. Reported per back-end: cases 
 time only, the same files read and written by both) and peak memory (growth of the process's peak resident
 set over its size before the case).
 
-    python -m preprocessing.benchmark [--cases 3] [--size 512] [--slices 40 60] [--json]
+    python -m medtuning.preprocessing.benchmark [--cases 3] [--size 512] [--slices 40 60] [--json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _worker(backend: str, raw: str, plan_path: str, output: str, case_id: str) -> None:
-    from networks.benchmark import current_rss_bytes, peak_rss_bytes
+    from ..networks.benchmark import current_rss_bytes, peak_rss_bytes
 
     from .dataset import RawDataset
     from .planning import load_plan
@@ -60,7 +60,7 @@ def run(cases: int = 3, size: int = 512, slices=(40, 60), workdir: str | None = 
         order = ("exact", "fast") if index % 2 == 0 else ("fast", "exact")
         for backend in order:
             out = work / f"out_{backend}"
-            line = subprocess.run([sys.executable, "-m", "preprocessing.benchmark", "--worker", backend, str(raw),
+            line = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", backend, str(raw),
                                    str(plan_path), str(out), case.case_id], check=True, capture_output=True,
                                   text=True, env=env).stdout.strip().splitlines()[-1]
             results[backend].append(json.loads(line))
@@ -76,7 +76,7 @@ def run(cases: int = 3, size: int = 512, slices=(40, 60), workdir: str | None = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing.benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m medtuning.preprocessing.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)

@@ -1,4 +1,4 @@
-"""Command line: python -m preprocessing {convert,verify,plan,preprocess,prepare,invert,demo,benchmark} ..."""
+"""Command line: python -m medtuning.preprocessing {convert,verify,plan,preprocess,prepare,invert,demo,benchmark} ..."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _add_run_options(parser: argparse.ArgumentParser, backend_default: str | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m medtuning.preprocessing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="downloaded BraTS/KiTS19/MSD folder -> nnU-Net raw layout")

@@ -30,7 +30,7 @@ class RawDataset:
         if not root.is_dir():
             raise DataError(f"{root}: dataset folder not found")
         path = root / "dataset.json"
-        meta = read_json(path, "missing; a raw dataset needs dataset.json (run `python -m preprocessing convert`)")
+        meta = read_json(path, "missing; a raw dataset needs dataset.json (run `python -m medtuning.preprocessing convert`)")
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
             raise DataError(f"{path}: missing key(s) {', '.join(missing)}")

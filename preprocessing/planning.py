@@ -102,7 +102,7 @@ def make_plan(dataset: RawDataset, fingerprint: dict, backend: str = "fast",
 
 def load_plan(path: str | Path) -> dict:
     path = Path(path)
-    plan = read_json(path, "plan not found (run `python -m preprocessing plan` first)")
+    plan = read_json(path, "plan not found (run `python -m medtuning.preprocessing plan` first)")
     if plan.get("format") != PLAN_FORMAT:
         raise DataError(f"{path}: not a medtuning plan (format {plan.get('format')!r}, expected {PLAN_FORMAT!r})")
     bad = [s for s in plan["normalization_schemes"] if s not in SCHEMES]

@@ -59,7 +59,7 @@ def trained(request, tmp_path_factory):
     """A bundle trained for a few iterations on its demo data (prepared once per bundle)."""
     bundle = request.param
     folder = tmp_path_factory.mktemp(bundle)
-    from bundles.common import prepare_demo
+    from medtuning.bundles.common import prepare_demo
 
     work = prepare_demo(BUNDLES[bundle]["kind"], folder / "work")
     override = demo_override(bundle, "demo.json")
@@ -144,7 +144,7 @@ def test_inference_writes_predictions_in_input_geometry(trained):
     tta = bundle != "medtuning_msd"  # 8 flips of a 3D SwinUNETR are minutes on 2 CPU cores
     run_workflow(bundle, ["inference.json"], _inference_override(bundle, folder, tta=tta), folder, "infer")
     predictions = sorted((folder / "predictions").glob("*.nii.gz"))
-    from bundles.inference import inference_datalist
+    from medtuning.bundles.inference import inference_datalist
 
     cases = inference_datalist(folder / "work")
     assert [p.name for p in predictions] == sorted(f"{c['case_id']}.nii.gz" for c in cases)
@@ -159,7 +159,7 @@ def test_inference_writes_predictions_in_input_geometry(trained):
 @pytest.mark.slow
 def test_inference_bad_inputs_name_the_file(trained, tmp_path):
     bundle, folder, _ = trained
-    from bundles.inference import inference_datalist
+    from medtuning.bundles.inference import inference_datalist
 
     channels = inference_datalist(folder / "work")[0]["image"]
     (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n")
@@ -218,7 +218,7 @@ def test_finish_distributed_stops_gloo_threads_held_by_ddp(tmp_path):
     """DDP's reducer keeps the group's threads alive past destroy_process_group; left to interpreter teardown,
     their destruction intermittently aborted a finished multi-GPU run (SIGABRT after the last log line)."""
     import torch
-    from bundles.common import finish_distributed
+    from medtuning.bundles.common import finish_distributed
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -235,7 +235,7 @@ def test_finish_distributed_stops_gloo_threads_held_by_ddp(tmp_path):
 
 def _raw_cases(work: Path) -> list[dict]:
     """The demo's labelled raw cases as MONAI Label's datastore lists them (image file(s) + label map)."""
-    from preprocessing.dataset import RawDataset
+    from medtuning.preprocessing.dataset import RawDataset
 
     cases = RawDataset.open(work / "raw").training_cases()
     return [{"image": [str(p) for p in c.images] if len(c.images) > 1 else str(c.images[0]), "label": str(c.label)}
@@ -265,7 +265,7 @@ def test_monailabel_style_train_and_infer_without_dataset_dir(trained, tmp_path)
     parser = ConfigParser()
     parser.read_config([str(configs(bundle) / "inference.json"), str(configs(bundle) / "demo_inference.json")])
     parser.update({"bundle_root": str(tmp_path), "ckpt_dir": str(models), "dataset_dir": None})
-    from bundles.common import load_model
+    from medtuning.bundles.common import load_model
     import torch
 
     network = load_model(parser.get_parsed_content("network_def"), models / "model.pt").eval()
@@ -367,7 +367,7 @@ def test_readme_demo_reaches_its_dice(tmp_path, bundle, metric):
 
 @pytest.mark.slow
 def test_study_writes_table_and_plot_and_resumes(tmp_path):
-    from bundles.study import main as study
+    from medtuning.bundles.study import main as study
 
     args = ["--bundle", "medtuning_kits", "--methods", "head,lora,med_adapter", "--work", str(tmp_path),
             "--epochs", "1", "--iterations", "2"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from networks import build_network
-from networks.checkpoint import load_tuned, save_tuned, tuned_state_dict
-from networks.weights import WeightLoadError
+from medtuning.networks import build_network
+from medtuning.networks.checkpoint import load_tuned, save_tuned, tuned_state_dict
+from medtuning.networks.weights import WeightLoadError
 
 from .conftest import TINY_SWIN, TINY_VIT
 

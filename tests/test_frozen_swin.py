@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import networks.frozen_swin as frozen_swin
-from networks import build_network
-from networks.frozen_swin import frozen_swin_block
-from networks.swin import SwinTransformerBlock
+import medtuning.networks.frozen_swin as frozen_swin
+from medtuning.networks import build_network
+from medtuning.networks.frozen_swin import frozen_swin_block
+from medtuning.networks.swin import SwinTransformerBlock
 
 from .conftest import TINY_SWIN, forward_keeping_saved, tuned_gradients
 

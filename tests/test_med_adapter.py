@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks import build_network
-from networks.pet.med_adapter import DepthwiseBranch, FrequencyFilter, MedAdapter
+from medtuning.networks import build_network
+from medtuning.networks.pet.med_adapter import DepthwiseBranch, FrequencyFilter, MedAdapter
 
 from .conftest import (TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, forward_counting_saved,
                        forward_keeping_saved, tuned_gradients)
@@ -231,7 +231,7 @@ def test_deepcopy_rebinds_adapters():
 
 
 def test_applying_a_second_method_is_refused():
-    from networks import apply_method
+    from medtuning.networks import apply_method
 
     net = build_network("vit_b16_upernet", "head", **TINY_VIT)
     with pytest.raises(RuntimeError, match="already applied"):
@@ -274,7 +274,7 @@ def test_lora_keeps_float32_frozen_blocks_and_bad_precision_is_refused():
 
 
 def test_cpu_bfloat16_attention_matches_the_fused_kernel():
-    from networks.layers import attention
+    from medtuning.networks.layers import attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(6, 3, 16, 32) for _ in range(3))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from networks import build_network
+from medtuning.networks import build_network
 
 
 @pytest.mark.slow

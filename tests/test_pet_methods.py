@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from networks import build_network
-from networks.pet import get_method, merge_lora, unmerge_lora
-from networks.pet.layers import depthwise_conv3d
-from networks.summary import build_for_summary, parameter_summary
+from medtuning.networks import build_network
+from medtuning.networks.pet import get_method, merge_lora, unmerge_lora
+from medtuning.networks.pet.layers import depthwise_conv3d
+from medtuning.networks.summary import build_for_summary, parameter_summary
 
 from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, shared_path, tuned_gradients
 

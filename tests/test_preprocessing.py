@@ -13,15 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.case import preprocess_arrays
-from preprocessing.convert import convert_brats, convert_kits19, convert_msd
-from preprocessing.dataset import RawDataset
-from preprocessing.demo import make_brats, make_kits19, make_msd
-from preprocessing.inverse import labels_to_original, write_prediction
-from preprocessing.io import DataError, read_channels, read_volume
-from preprocessing.pipeline import plan_dataset, prepare
-from preprocessing.planning import load_plan, target_spacing, transpose_for
-from preprocessing.preprocessor import case_paths, load_properties, preprocess_dataset, preprocess_images
+from medtuning.preprocessing.case import preprocess_arrays
+from medtuning.preprocessing.convert import convert_brats, convert_kits19, convert_msd
+from medtuning.preprocessing.dataset import RawDataset
+from medtuning.preprocessing.demo import make_brats, make_kits19, make_msd
+from medtuning.preprocessing.inverse import labels_to_original, write_prediction
+from medtuning.preprocessing.io import DataError, read_channels, read_volume
+from medtuning.preprocessing.pipeline import plan_dataset, prepare
+from medtuning.preprocessing.planning import load_plan, target_spacing, transpose_for
+from medtuning.preprocessing.preprocessor import case_paths, load_properties, preprocess_dataset, preprocess_images
 
 from .conftest import REPO, shared_path
 
@@ -82,7 +82,7 @@ def _blobs(rng, shape, values=(1, 2, 3)) -> np.ndarray:
 @pytest.mark.parametrize("axis", [None, 0, 2])
 def test_fast_label_resampling_equals_exact_voxel_for_voxel(axis):
     """The boundary-only label resampler gives nnU-Net's per-voxel winner, not just a close Dice."""
-    from preprocessing.resampling import resample
+    from medtuning.preprocessing.resampling import resample
 
     rng = np.random.default_rng(7)
     for trial in range(4):
@@ -100,7 +100,7 @@ def test_fast_label_resampling_equals_exact_voxel_for_voxel(axis):
 def test_sparse_hole_filling_equals_scipy():
     from scipy.ndimage import binary_fill_holes
 
-    from preprocessing.cropping import fill_sparse_holes, nonzero_mask
+    from medtuning.preprocessing.cropping import fill_sparse_holes, nonzero_mask
 
     rng = np.random.default_rng(3)
     for trial in range(20):
@@ -303,7 +303,7 @@ def test_killed_run_resumes_without_partial_files(tmp_path):
     plan_dataset(tmp_path / "raw", tmp_path / "plan.json", workers=1)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-m", "preprocessing", "preprocess", str(tmp_path / "raw"),
+    process = subprocess.Popen([sys.executable, "-m", "medtuning.preprocessing", "preprocess", str(tmp_path / "raw"),
                                 str(tmp_path / "plan.json"), str(out), "--workers", "1", "--backend", "exact"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

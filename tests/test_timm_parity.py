@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from networks.layers import adapt_input_conv
-from networks.swin import SwinTransformer
-from networks.vit import VisionTransformer
-from networks.weights import load_backbone_weights
+from medtuning.networks.layers import adapt_input_conv
+from medtuning.networks.swin import SwinTransformer
+from medtuning.networks.vit import VisionTransformer
+from medtuning.networks.weights import load_backbone_weights
 
 from .conftest import shared_path
 

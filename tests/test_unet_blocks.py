@@ -7,8 +7,8 @@ import torch
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 
-from networks.models import build_network
-from networks.unet_blocks import (MemoryEfficientUnetrUpBlock, MemoryEfficientUnetResBlock,
+from medtuning.networks.models import build_network
+from medtuning.networks.unet_blocks import (MemoryEfficientUnetrUpBlock, MemoryEfficientUnetResBlock,
                                   use_memory_efficient_blocks)
 
 from .conftest import TINY_SWINUNETR, forward_keeping_saved

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.cli import main as cli_main
-from preprocessing.io import DataError, read_volume, to_file_order
-from preprocessing.planning import load_plan
-from preprocessing.preprocessor import preprocess_images
-from preprocessing.verify import verify_dataset
+from medtuning.preprocessing.cli import main as cli_main
+from medtuning.preprocessing.io import DataError, read_volume, to_file_order
+from medtuning.preprocessing.planning import load_plan
+from medtuning.preprocessing.preprocessor import preprocess_images
+from medtuning.preprocessing.verify import verify_dataset
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 
@@ -120,7 +120,7 @@ def test_missing_dataset_json_and_wrong_paths(tmp_path, capsys):
 
 
 def test_inference_input_checks(raw, tmp_path):
-    from preprocessing.pipeline import plan_dataset
+    from medtuning.preprocessing.pipeline import plan_dataset
 
     plan_dataset(raw, tmp_path / "plan.json", workers=1)
     plan = load_plan(tmp_path / "plan.json")

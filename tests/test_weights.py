@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from networks.layers import resize_rel_pos_bias_table
-from networks.models import SwinUNETRNet, SwinUNet
-from networks.swin import SwinTransformer
-from networks.vit import VisionTransformer
-from networks.weights import WeightLoadError, load_backbone_weights
+from medtuning.networks.layers import resize_rel_pos_bias_table
+from medtuning.networks.models import SwinUNETRNet, SwinUNet
+from medtuning.networks.swin import SwinTransformer
+from medtuning.networks.vit import VisionTransformer
+from medtuning.networks.weights import WeightLoadError, load_backbone_weights
 
 from .conftest import shared_path
 
