@@ -7,6 +7,8 @@ MONAI does not have live here.
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
 from ..preprocessing.io import DataError
@@ -22,7 +24,7 @@ from ..preprocessing.io import DataError
 logger = logging.getLogger("medtuning")
 
 NO_DATASET = ("no dataset given. Point the bundle at a preprocessing work folder made by "
-              "`python -m medtuning.preprocessing prepare {kind} SOURCE WORK` with --dataset_dir WORK, or run the demo: "
+              "`python -m {package}.preprocessing prepare {kind} SOURCE WORK` with --dataset_dir WORK, or run the demo: "
               "python -m monai.bundle run --config_file \"['{bundle}/configs/train.json','{bundle}/configs/demo.json']\"")
 
 
@@ -54,26 +56,69 @@ def finish_distributed(network: torch.nn.Module | None = None) -> None:
     gc.collect()
 
 
+BUNDLES_DIR = Path(__file__).resolve().parent
+NETWORK_FILE = "network.json"  # beside the model: what the network was built as (build_bundle_network's settings)
+TUNED_FILE = "model.safetensors"  # tuned-only weights, shipped by an export instead of model.pt
+PACKAGE = __name__.rsplit(".", 2)[0]  # "medtuning"; "scripts" in an exported bundle, which carries this code
+
+
+def bundle_source(name: str) -> Path:
+    """The bundle's folder as this package ships it (configs, docs, license)."""
+    return BUNDLES_DIR / name
+
+
+def _holds_bundle(folder: Path, name: str) -> bool:
+    try:
+        return json.loads((folder / "configs" / "inference.json").read_text()).get("bundle_name") == name
+    except (OSError, ValueError):
+        return False
+
+
 def bundle_root(name: str) -> str:
-    """The bundle folder next to this package, wherever the command is run from."""
-    return str(Path(__file__).resolve().parent / name)
+    """The bundle's own folder, the one holding its ``configs/``: models, evaluations and demo work go below it.
+
+    An exported bundle carries this code as its ``scripts/`` package, so its folder is the one above that. Otherwise
+    MONAI's convention: the current folder when it is this bundle (``python -m monai.bundle run`` from inside a copy),
+    else the folder the package ships the bundle in (``bundles/NAME`` in a checkout). ``--bundle_root`` overrides.
+    """
+    carrier = Path(__file__).resolve().parents[2]
+    if _holds_bundle(carrier, name):
+        return str(carrier)
+    if _holds_bundle(Path.cwd(), name):
+        return str(Path.cwd())
+    return str(bundle_source(name))
 
 
 def require_dataset(dataset_dir: str | None, kind: str, bundle: str) -> Path:
     """The preprocessing work folder, checked; never replaced by demo data."""
     if not dataset_dir:
-        raise DataError(NO_DATASET.format(kind=kind, bundle=bundle))
+        raise DataError(NO_DATASET.format(kind=kind, bundle=bundle, package=PACKAGE))
     work = Path(dataset_dir)
     if not work.is_dir():
         raise DataError(f"{work}: dataset_dir does not exist")
     if not (work / "preprocessed" / "plan.json").is_file():
         raise DataError(f"{work}: not a preprocessing work folder (no preprocessed/plan.json); make one with "
-                        f"`python -m medtuning.preprocessing prepare {kind} SOURCE {work}`")
+                        f"`python -m {PACKAGE}.preprocessing prepare {kind} SOURCE {work}`")
     return work
 
 
-def datalist(work: str | Path, split: str, val_fraction: float = 0.2) -> list[dict]:
-    """Preprocessed cases as MONAI data dicts; a deterministic hold-out of the sorted case ids validates."""
+def dataset_folder(dataset_dir: str | None, kind: str, bundle: str) -> Path | None:
+    """The preprocessing work folder, checked, or None when none is given (the data may come another way:
+    MONAI Label puts its datalist straight into the config; a run with no data says so when it starts)."""
+    return require_dataset(dataset_dir, kind, bundle) if dataset_dir else None
+
+
+def require_training_data(dataset, kind: str, bundle: str) -> None:
+    """Before training: a run with no cases says how to give it some."""
+    if len(dataset) == 0:
+        raise DataError(NO_DATASET.format(kind=kind, bundle=bundle, package=PACKAGE))
+
+
+def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2) -> list[dict]:
+    """Preprocessed cases as MONAI data dicts; a deterministic hold-out of the sorted case ids validates.
+    No work folder, no cases."""
+    if work is None:
+        return []
     folder = Path(work) / "preprocessed"
     ids = sorted(p.stem for p in folder.glob("*.json") if p.name != "plan.json")
     if len(ids) < 2:
@@ -89,13 +134,13 @@ def training_plan(dataset_dir: str | None, ckpt_dir: str, kind: str, bundle: str
     if dataset_dir:
         return str(require_dataset(dataset_dir, kind, bundle) / "preprocessed" / "plan.json")
     saved = Path(ckpt_dir) / "plan.json"
-    if saved.is_file():
-        return str(saved)
-    raise DataError(NO_DATASET.format(kind=kind, bundle=bundle))
+    return str(saved) if saved.is_file() else None
 
 
-def plan_spacing(plan_file: str | Path) -> list[float]:
-    """The preprocessed grid's voxel size (z, y, x) in mm, so distances are reported in mm."""
+def plan_spacing(plan_file: str | Path | None) -> list[float] | None:
+    """The preprocessed grid's voxel size (z, y, x) in mm, so distances are reported in mm (none without a plan)."""
+    if plan_file is None:
+        return None
     from ..preprocessing.planning import load_plan
 
     return [float(s) for s in load_plan(plan_file)["spacing"]]
@@ -175,12 +220,38 @@ class PatchDataset(torch.utils.data.Dataset):
         return item[0] if isinstance(item, list) else item
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_backbone_file(path: str | Path, sha256: str | None = None, url: str | None = None) -> Path:
+    """The pretrained backbone file, present and (when its hash is known) the very file the bundle was tuned on."""
+    path = Path(path)
+    where = f"; get it from {url}" if url else ""
+    if not path.is_file():
+        raise DataError(f"{path}: the pretrained backbone file is missing{where} (an exported bundle names it in "
+                        f"large_files.yml: `python -m monai.bundle download_large_files` in the bundle folder fetches it)")
+    if sha256:
+        found = file_sha256(path)
+        if found != sha256:
+            raise DataError(f"{path}: not the backbone this bundle was tuned on (sha256 {found}, expected {sha256})"
+                            f"{where}")
+    return path
+
+
 def build_bundle_network(backbone: str, method: str, pretrained: str | None, method_options: dict | None,
-                         in_channels: int, num_classes: int, patch_size: Sequence[int], options: dict | None = None):
+                         in_channels: int, num_classes: int, patch_size: Sequence[int], options: dict | None = None,
+                         pretrained_sha256: str | None = None):
     """The Med-Tuning network for patches (D, H, W): D slices of H x W.
 
     ``method_options`` is either the chosen method's options, or options per method name
     (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods.
+    ``pretrained_sha256``, when given, must match the pretrained file. What the network was built as travels with
+    it (``network.bundle_settings``): training writes it beside the model, the export reads it.
     """
     from ..networks import build_network
     from ..networks.pet import available_methods
@@ -194,8 +265,22 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
         options.setdefault("num_slices", int(patch_size[0]))
     else:
         options.setdefault("img_size", int(patch_size[0]))
-    return build_network(backbone, method, pretrained=pretrained, method_options=method_options or None,
-                         in_channels=in_channels, num_classes=num_classes, **options)
+    backbone_file = None
+    if pretrained:
+        path = check_backbone_file(pretrained, pretrained_sha256)
+        backbone_file = {"file": path.name, "sha256": pretrained_sha256 or file_sha256(path)}
+    network = build_network(backbone, method, pretrained=pretrained, method_options=method_options or None,
+                            in_channels=in_channels, num_classes=num_classes, **options)
+    network.bundle_settings = {
+        "backbone": backbone, "method": method, "method_options": method_options, "options": options,
+        "in_channels": int(in_channels), "num_classes": int(num_classes), "patch_size": [int(v) for v in patch_size],
+        "pretrained": backbone_file}
+    return network
+
+
+def unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    """The network itself, also when DistributedDataParallel wraps it."""
+    return getattr(network, "module", network)
 
 
 class TrainingCheckpoint:
@@ -219,7 +304,7 @@ class TrainingCheckpoint:
         from monai.handlers import CheckpointLoader, CheckpointSaver
 
         objects = dict(self.objects, trainer=engine)
-        self._keep_plan()
+        engine.add_event_handler(Events.STARTED, lambda _: self._keep_plan())  # not before a run starts
         latest = self.latest()
         if latest is not None:
             logger.info(f"resuming from {latest}")
@@ -229,23 +314,42 @@ class TrainingCheckpoint:
 
 
     def _keep_plan(self) -> None:
-        """The plan travels with the model: inference and MONAI Label preprocess new images with it."""
-        if self.plan_file is None or not is_main_process():
+        """The plan and what the network was built as travel with the model: inference and MONAI Label preprocess
+        new images with the plan; the export ships the network as it was trained."""
+        if not is_main_process():
             return
-        from ..preprocessing.io import atomic_path
+        from ..preprocessing.io import atomic_path, save_json
 
+        settings = getattr(unwrapped(self.objects["network"]), "bundle_settings", None)
+        if settings is not None:
+            save_json(self.ckpt_dir / NETWORK_FILE, settings)
+        if self.plan_file is None:
+            return
         target = self.ckpt_dir / "plan.json"
         if Path(self.plan_file).resolve() != target.resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 shutil.copyfile(self.plan_file, tmp)
 
-
 def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
-    """Weights saved by the bundle's CheckpointSaver ({"model": state_dict}); a clear error if missing."""
+    """Trained weights into ``network``: a full checkpoint saved by the bundle's CheckpointSaver
+    (``{"model": state_dict}``, ``models/model.pt``) or, where only that is shipped, the tuned-only weights
+    (``models/model.safetensors``) over the pretrained backbone the network was built with."""
+    from ..networks.checkpoint import load_tuned
+    from ..networks.weights import WeightLoadError
+
     path = Path(checkpoint)
+    tuned = path.with_name(TUNED_FILE)
+    if not path.is_file() and tuned.is_file():
+        path = tuned
     if not path.is_file():
         raise DataError(f"{path}: no trained model; train first (train.json) or set --checkpoint")
+    if path.suffix == ".safetensors":
+        try:
+            load_tuned(unwrapped(network), path)
+        except WeightLoadError as error:
+            raise DataError(str(error)) from None
+        return network
     state = torch.load(path, map_location="cpu", weights_only=True)
     network.load_state_dict(state.get("model", state))
     return network

@@ -30,38 +30,61 @@ logger = logging.getLogger("medtuning")
 
 
 def inference_plan(ckpt_dir: str | Path, dataset_dir: str | Path | None = None) -> str:
-    """The plan the model was trained with: saved next to it by training, else the work folder's."""
-    for path in (Path(ckpt_dir) / "plan.json", Path(dataset_dir) / "preprocessed" / "plan.json" if dataset_dir else None):
-        if path is not None and path.is_file():
-            return str(path)
-    raise DataError(f"{Path(ckpt_dir) / 'plan.json'}: no plan next to the model; train first, or set --dataset_dir "
-                    f"to the preprocessing work folder the model was trained on")
+    """The plan the model was trained with: saved next to it by training, else the work folder's. Where there is
+    neither, the place it belongs (next to the model): the transforms that need it say so when they first run."""
+    saved = Path(ckpt_dir) / "plan.json"
+    work = Path(dataset_dir) / "preprocessed" / "plan.json" if dataset_dir else None
+    return str(work if not saved.is_file() and work is not None and work.is_file() else saved)
+
+
+class _UsesPlan:
+    """Reads the model's plan when first needed, so a workflow builds before there is a trained model."""
+
+    plan_file: str | Path
+    _plan: dict | None = None
+
+    @property
+    def plan(self) -> dict:
+        if self._plan is None:
+            if not Path(self.plan_file).is_file():
+                raise DataError(f"{self.plan_file}: no plan next to the model; train first, or set --dataset_dir to "
+                                f"the preprocessing work folder the model was trained on")
+            self._plan = load_plan(self.plan_file)
+        return self._plan
 
 
 def inference_datalist(dataset_dir: str | Path | None, images: Sequence | str | None = None) -> list[dict]:
     """Cases to predict: ``images`` (a file, a list of cases, each a file or a list of channel files) or,
-    when not given, the unlabelled ``imagesTs`` cases of the work folder's raw dataset."""
+    when not given, the unlabelled ``imagesTs`` cases of the work folder's raw dataset. None given, none listed
+    (so the workflow can be built without data); :func:`require_cases` says what to give before a run."""
     from ..preprocessing.dataset import RawDataset
 
     if images is None:
-        if not dataset_dir:
-            raise DataError("no images to predict: set --images (a file, or a list of cases, each a file or a list "
-                            "of channel files), or --dataset_dir WORK to predict its raw imagesTs cases")
-        if not Path(dataset_dir).is_dir():
-            raise DataError(f"{dataset_dir}: dataset_dir does not exist")
+        if not dataset_dir or not Path(dataset_dir).is_dir():
+            return []
         cases = [[str(p) for p in case.images] for case in RawDataset.open(Path(dataset_dir) / "raw").test_cases()]
-        if not cases:
-            raise DataError(f"{Path(dataset_dir) / 'raw'}: no imagesTs cases; set `images` to the files to predict")
     elif isinstance(images, (str, Path)):
         cases = [[str(images)]]
     else:
         cases = [[str(c)] if isinstance(c, (str, Path)) else [str(p) for p in c] for c in images]
-    if not cases:
-        raise DataError("`images` is empty: give a file, or a list of cases (each a file or a list of channel files)")
     return [{"image": case, "case_id": case_id_of(case[0])} for case in cases]
 
 
-class PlanPreprocessd(MapTransform):
+def require_cases(dataset, dataset_dir: str | Path | None, images: Sequence | str | None) -> None:
+    """Before an inference run: something to predict, or a message that says what to give."""
+    if len(dataset):
+        return
+    if images is not None:
+        raise DataError("`images` is empty: give a file, or a list of cases (each a file or a list of channel files)")
+    if not dataset_dir:
+        raise DataError("no images to predict: set --images (a file, or a list of cases, each a file or a list "
+                        "of channel files), or --dataset_dir WORK to predict its raw imagesTs cases")
+    if not Path(dataset_dir).is_dir():
+        raise DataError(f"{dataset_dir}: dataset_dir does not exist")
+    raise DataError(f"{Path(dataset_dir) / 'raw'}: no imagesTs cases; set `images` to the files to predict")
+
+
+class PlanPreprocessd(_UsesPlan, MapTransform):
     """Image file(s) of one case -> (C, z, y, x) tensor preprocessed as the plan says.
 
     The value is a path (3D, or 4D with channels last) or a list of channel paths. The properties needed to
@@ -71,7 +94,7 @@ class PlanPreprocessd(MapTransform):
 
     def __init__(self, keys: KeysCollection, plan_file: str | Path, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan = load_plan(plan_file)
+        self.plan_file = plan_file
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from ..preprocessing.preprocessor import preprocess_images
@@ -140,14 +163,14 @@ class RegionsToLabelsd(MapTransform):
         return d
 
 
-class ToOriginalGridd(MapTransform):
+class ToOriginalGridd(_UsesPlan, MapTransform):
     """(1, z, y, x) labels on the preprocessed grid -> (1, ...) uint8/uint16 on the input's own voxel grid (file
     axis order) with the dataset's label values and the input's affine."""
 
     def __init__(self, keys: KeysCollection, plan_file: str | Path, properties_key: str = "image_properties",
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.plan, self.properties_key = load_plan(plan_file), properties_key
+        self.plan_file, self.properties_key = plan_file, properties_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from ..preprocessing.inverse import labels_to_original, to_dataset_values

@@ -10,8 +10,6 @@ full one. Writes are atomic: a crash never leaves a half-written file under the 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..preprocessing.io import atomic_path
 from .weights import WeightLoadError
 
 __all__ = ["tuned_state_dict", "save_tuned", "load_tuned", "state_dict_bytes"]
@@ -73,15 +72,8 @@ def save_tuned(model: nn.Module, path: str | Path, extra: dict | None = None) ->
     metadata = {"method": pet.method, "config": json.dumps(pet.config, default=list),
                 "frozen": json.dumps(pet.frozen), "network": type(model).__name__,
                 "aliases": json.dumps(aliases), "extra": json.dumps(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return {"tuned_file_bytes": path.stat().st_size, "full_state_bytes": state_dict_bytes(model.state_dict())}
 
 

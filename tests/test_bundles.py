@@ -95,11 +95,17 @@ def test_network_in_out_matches_metadata(bundle):
 def test_train_without_dataset_says_what_to_do(tmp_path, bundle):
     for dataset_dir, expected in ((None, "demo.json"), (str(tmp_path / "nope"), "does not exist")):
         workflow = ConfigWorkflow(config_file=str(configs(bundle) / "train.json"), workflow_type="train",
-                                  dataset_dir=dataset_dir)
+                                  dataset_dir=dataset_dir, bundle_root=str(tmp_path))
         workflow.initialize()
         with pytest.raises(Exception) as error:
-            workflow.parser.get_parsed_content("work")
+            workflow.run()
         assert expected in repr(error.value.__cause__ or error.value)
+    assert not any(tmp_path.iterdir())  # nothing written by a run that could not start
+    # no data is no reason not to build: the zoo's checks build every bundle bare
+    workflow = ConfigWorkflow(config_file=str(configs(bundle) / "train.json"), workflow_type="train",
+                              bundle_root=str(tmp_path))
+    workflow.initialize()
+    assert workflow.check_properties() == []
 
 
 @pytest.mark.slow
@@ -355,7 +361,7 @@ def test_readme_demo_reaches_its_dice(tmp_path, bundle, metric):
     root = REPO / "bundles" / bundle / "configs"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                json.dumps([str(root / "train.json"), str(root / "demo.json")]),
-               "--dataset_dir", f"$bundles.common.prepare_demo(@dataset_kind, '{tmp_path / 'work'}')",
+               "--dataset_dir", f"$medtuning.bundles.common.prepare_demo(@dataset_kind, '{tmp_path / 'work'}')",
                "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
