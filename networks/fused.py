@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import apply_function
+
 __all__ = ["expand_norm_classify", "CHUNK_ELEMENTS"]
 
 # expanded elements per chunk: ~2 MiB of float32 on a CPU (near the cache; 2^17..2^21 measured alike),
@@ -102,7 +104,7 @@ def expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weig
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     stats = _statistics_dtype(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        logits = _ExpandNormClassify.apply(x.reshape(-1, c).to(dtype), expand_weight.to(dtype), norm_weight.to(stats),
+        logits = apply_function(_ExpandNormClassify, x.reshape(-1, c).to(dtype), expand_weight.to(dtype), norm_weight.to(stats),
                                            norm_bias.to(stats), classifier_weight.flatten(1).to(stats), eps)
     logits = logits.view(b, h, w, scale, scale, -1)
     return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)

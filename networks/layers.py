@@ -178,3 +178,20 @@ def resize_rel_pos_bias_table(table: torch.Tensor, new_window: Sequence[int]) ->
         rows = np.stack([np.interp(dx, xs, values[r, :, h]) for r in range(side)])  # (side, dst_w)
         out[:, :, h] = np.stack([np.interp(dy, ys, rows[:, c]) for c in range(dst[1])], axis=1)
     return torch.from_numpy(out.reshape(dst[0] * dst[1], heads)).to(table.dtype)
+
+
+class _NoBackward:
+    """Stands in for an autograd context where no backward pass will follow: whatever it is told to keep is dropped."""
+
+    needs_input_grad = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+
+def apply_function(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)``, except while tracing (TorchScript export): a traced graph cannot hold a Python
+    autograd function, so its forward runs as plain operations, which is what inference needs."""
+    if torch.jit.is_tracing():
+        return function.forward(_NoBackward(), *args)
+    return function.apply(*args)

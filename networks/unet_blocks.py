@@ -34,6 +34,8 @@ from monai.networks.blocks.unetr_block import UnetrUpBlock
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layers import apply_function
+
 __all__ = ["MemoryEfficientUnetResBlock", "MemoryEfficientUnetrUpBlock", "use_memory_efficient_blocks",
            "instance_norm_leaky_relu", "residual_instance_norm_leaky_relu"]
 
@@ -110,14 +112,14 @@ class _ResidualInstanceNormLeakyReLU(torch.autograd.Function):
 
 def instance_norm_leaky_relu(x: torch.Tensor, eps: float = 1e-5, slope: float = 0.01) -> torch.Tensor:
     """``leaky_relu(instance_norm(x))`` (non-affine), keeping only its output for the backward pass."""
-    return _InstanceNormLeakyReLU.apply(x, eps, slope)
+    return apply_function(_InstanceNormLeakyReLU, x, eps, slope)
 
 
 def residual_instance_norm_leaky_relu(x: torch.Tensor, shortcut: torch.Tensor, normalise_shortcut: bool,
                                       eps: float = 1e-5, slope: float = 0.01) -> torch.Tensor:
     """``leaky_relu(instance_norm(x) + s)`` with ``s = instance_norm(shortcut)`` or ``shortcut`` itself,
     keeping its output and ``instance_norm(x)`` for the backward pass."""
-    return _ResidualInstanceNormLeakyReLU.apply(x, shortcut, normalise_shortcut, eps, slope)
+    return apply_function(_ResidualInstanceNormLeakyReLU, x, shortcut, normalise_shortcut, eps, slope)
 
 
 def _conv_over_parts(conv: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:

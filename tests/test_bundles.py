@@ -212,6 +212,13 @@ def test_multi_gpu_train_runs_two_gloo_processes(trained):
     assert (folder / "ddp_models" / "model.pt").is_file()
     metrics = json.loads((folder / "ddp_eval" / "metrics.json").read_text())
     assert BUNDLES[bundle]["metrics"] <= set(metrics)
+    # rank 0 alone writes: every event file from one process (events.out.tfevents.TIME.HOST.PID.N)
+    events = list((folder / "ddp_eval").glob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1, [e.name for e in events]
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in (folder / "ddp_eval" / "metrics.json", folder / "ddp_models" / "plan.json"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~mask, written  # the user's umask, not mkstemp's 0600
 
 
 def _gloo_threads() -> list[str]:

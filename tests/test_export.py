@@ -1,0 +1,219 @@
+"""Bundles that travel: the exported zip as a user meets it.
+
+A BraTS demo model tuned over a pretrained backbone file is exported tuned-only; a fresh virtual environment with
+only the packages its metadata names downloads the zip from a file URL, fetches the backbone through
+large_files.yml, and runs inference and training from inside the extracted folder, offline, with this repository
+nowhere on its path. Every bundle's export passes the model zoo's checks, TorchScript export included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from .conftest import shared_path
+from .test_bundles import BUNDLES, TINY, TINY_PER_BUNDLE, configs, demo_override, run_workflow
+
+BRATS = "medtuning_brats"
+
+
+def _offline(command: list[str]) -> list[str]:
+    """The command in a network namespace of its own (no network at all), where the machine allows one."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-rn", *command]
+    return command
+
+
+@pytest.fixture(scope="module")
+def tuned_over_backbone(tmp_path_factory):
+    """The BraTS demo network tuned for a few steps over a 'pretrained' backbone file, and its tuned-only export."""
+    from safetensors.torch import save_file
+
+    from medtuning.bundles.common import build_bundle_network, prepare_demo
+    from medtuning.bundles.export import export_bundle
+
+    folder = tmp_path_factory.mktemp("export")
+    demo = demo_override(BRATS, "demo.json")
+    work = prepare_demo("brats", folder / "work")
+    source = build_bundle_network("vit_b16_upernet", "med_adapter", None, demo["method_options"], 4, 3,
+                                  demo["patch_size"], demo["network_options"])
+    backbone = folder / "release" / "vit_demo.safetensors"
+    backbone.parent.mkdir()
+    save_file({k: v.float().contiguous() for k, v in source.backbone.state_dict().items()}, str(backbone))
+    override = dict(demo, **TINY, dataset_dir=work, ckpt_dir=str(folder / "models"), output_dir=str(folder / "eval"),
+                    pretrained=str(backbone))
+    run_workflow(BRATS, ["train.json"], override, folder, "train")
+    zipped = export_bundle(BRATS, folder / "dist", models=folder / "models", backbone_url=backbone.as_uri())
+    return folder, Path(work), backbone, zipped
+
+
+def test_tuned_only_export_layout(tuned_over_backbone, tmp_path):
+    from medtuning.bundles.common import file_sha256
+    from monai.bundle import verify_metadata
+
+    folder, _, backbone, zipped = tuned_over_backbone
+    assert zipped.name == "medtuning_brats_v0.1.0.zip"
+    with zipfile.ZipFile(zipped) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path)
+    root = tmp_path / BRATS
+    for required in ("configs/train.json", "configs/inference.json", "configs/metadata.json", "docs/README.md",
+                     "docs/data_license.txt", "LICENSE", "scripts/__init__.py", "scripts/bundles/common.py",
+                     "scripts/networks/models.py", "scripts/preprocessing/cli.py", "models/model.safetensors",
+                     "models/plan.json", "models/network.json", "large_files.yml"):
+        assert f"{BRATS}/{required}" in names, required
+    assert not any(n.endswith("model.pt") or "__pycache__" in n or n.endswith(".json") and "/bundles/" in n
+                   for n in names)
+    # the tuned part alone: a fraction of the full model
+    assert (root / "models" / "model.safetensors").stat().st_size < 0.6 * (folder / "models" / "model.pt").stat().st_size
+    large = (root / "large_files.yml").read_text()
+    assert f'hash_val: "{file_sha256(backbone)}"' in large and backbone.as_uri() in large
+    assert 'path: "models/vit_demo.safetensors"' in large
+    for config in (root / "configs").glob("*.json"):
+        text = config.read_text()
+        assert "medtuning." not in text.replace("medtuning.networks.summary", ""), config.name
+    inference = json.loads((root / "configs" / "inference.json").read_text())
+    assert demo_override(BRATS, "demo.json")["network_options"].items() <= inference["network_options"].items()
+    assert inference["pretrained_sha256"] == file_sha256(backbone)
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert "medtuning" not in meta["required_packages_version"]
+    assert {"nibabel", "safetensors", "pytorch-ignite", "scipy"} <= set(meta["required_packages_version"])
+    schema = tmp_path / "schema.json"
+    shutil.copy(shared_path("monai", "meta_schema_20240725.json"), schema)
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(schema))
+    readme = (root / "docs" / "README.md").read_text()
+    for section in ("# Model Overview", "## Data", "## Training configuration", "## Performance",
+                    "## MONAI Bundle Commands", "# References", "# License"):
+        assert section in readme
+
+
+def test_untrained_export_says_so(tmp_path):
+    from medtuning.bundles.export import export_bundle
+
+    zipped = export_bundle("medtuning_kits", tmp_path, models=tmp_path / "none")
+    with zipfile.ZipFile(zipped) as z:
+        meta = json.loads(z.read("medtuning_kits/configs/metadata.json"))
+        readme = z.read("medtuning_kits/docs/README.md").decode()
+        assert not [n for n in z.namelist() if n.startswith("medtuning_kits/models/") and not n.endswith("/")]
+    assert "Untrained" in meta["description"] and "Untrained" in readme and "eval_metrics" not in meta
+
+
+def _fresh_venv(folder: Path, meta: dict) -> Path:
+    """A virtual environment holding only what the bundle's metadata names (from the package index)."""
+    venv.EnvBuilder(with_pip=True).create(folder)
+    python = folder / "bin" / "python"
+    pins = [f"torch=={meta['pytorch_version']}", f"monai=={meta['monai_version']}", f"numpy=={meta['numpy_version']}"]
+    pins += [f"{k}=={v}" for k, v in meta["required_packages_version"].items()]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, timeout=1200)
+    return python
+
+
+@pytest.mark.slow
+def test_zip_runs_in_a_fresh_environment_offline(tuned_over_backbone, tmp_path):
+    folder, work, backbone, zipped = tuned_over_backbone
+    with zipfile.ZipFile(zipped) as z:
+        meta = json.loads(z.read(f"{BRATS}/configs/metadata.json"))
+    python = _fresh_venv(tmp_path / "venv", meta)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEDTUNING_SHARED")}
+    env.update(OMP_NUM_THREADS="2", PYTHONNOUSERSITE="1")
+    bundles = tmp_path / "downloaded"
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        result = subprocess.run(_offline([str(python), *args]), cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    run("-m", "monai.bundle", "download", "--name", BRATS, "--url", zipped.as_uri(), "--bundle_dir", str(bundles),
+        cwd=tmp_path)
+    root = bundles / BRATS
+    # the repository's own code cannot be imported there: the bundle runs on its scripts/ alone
+    probe = subprocess.run([str(python), "-c", "import medtuning"], cwd=root, env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'medtuning'" in probe.stderr
+    # without the backbone: one clear message naming the file and where to get it
+    from medtuning.preprocessing.dataset import RawDataset
+
+    case = [str(p) for p in RawDataset.open(work / "raw").test_cases()[0].images]
+    images = json.dumps([case])  # one case of four channel files
+    missing = subprocess.run([str(python), "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                              "--images", images], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert missing.returncode != 0 and "vit_demo.safetensors: the pretrained backbone file is missing" in missing.stderr
+    run("-m", "monai.bundle", "download_large_files", cwd=root)
+    assert (root / "models" / backbone.name).read_bytes() == backbone.read_bytes()
+    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--images", images, cwd=root)
+    predicted = sorted((root / "predictions").rglob("*.nii.gz"))
+    assert len(predicted) == 1
+
+    # the same case through the repository's bundle with the full model.pt: the same labels
+    from medtuning.bundles.common import load_model
+
+    override = dict(demo_override(BRATS, "demo_inference.json"), ckpt_dir=str(folder / "models"),
+                    output_dir=str(tmp_path / "reference"), images=[case], pretrained=str(backbone))
+    reference = run_workflow(BRATS, ["inference.json"], override, tmp_path, "inference")
+    expected = nib.load(next((tmp_path / "reference").rglob("*.nii.gz")))
+    np.testing.assert_array_equal(np.asarray(nib.load(predicted[0]).dataobj), np.asarray(expected.dataobj))
+    assert load_model  # the reference above loaded model.pt through it
+
+    run("-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/demo.json']", "--epochs", "1",
+        "--iterations_per_epoch", "2", "--val_interval", "1", cwd=root)
+    assert (root / "models" / "model.pt").is_file() and (root / "work" / "demo").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_exported_bundles_pass_the_zoo_checks(bundle, tmp_path):
+    """verify_metadata, verify_net_in_out, check_properties (train, inference) on the bare default configs, and
+    ckpt_export to TorchScript equal to eager on a new input, each from inside the extracted bundle."""
+    from medtuning.bundles.common import prepare_demo
+    from medtuning.bundles.export import export_bundle
+
+    work = prepare_demo(BUNDLES[bundle]["kind"], tmp_path / "work")
+    override = dict(demo_override(bundle, "demo.json"), **TINY, dataset_dir=work, ckpt_dir=str(tmp_path / "models"),
+                    output_dir=str(tmp_path / "eval"))
+    override.update(TINY_PER_BUNDLE.get(bundle, {}), epochs=1)
+    run_workflow(bundle, ["train.json"], override, tmp_path, "train")
+    zipped = export_bundle(bundle, tmp_path / "dist", models=tmp_path / "models")
+    with zipfile.ZipFile(zipped) as z:
+        z.extractall(tmp_path / "unzipped")
+    root = tmp_path / "unzipped" / bundle
+    schema = shared_path("monai", "meta_schema_20240725.json")
+    channels, patch = BUNDLES[bundle]["channels"], override["patch_size"]
+    check = f"""
+import json, torch
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+verify_metadata(meta_file='configs/metadata.json', filepath={str(schema)!r})
+verify_net_in_out(net_id='network_def', meta_file='configs/metadata.json', config_file='configs/train.json',
+                  device='cpu', bundle_root='.')
+for config, kind in (('train', 'train'), ('inference', 'inference')):
+    w = ConfigWorkflow(config_file=f'configs/{{config}}.json', workflow_type=kind, dataset_dir=None)
+    w.initialize()
+    assert w.check_properties() == [], (config, w.check_properties())
+ckpt_export(net_id='network_def', filepath='models/model.ts', ckpt_file='models/model.pt', key_in_ckpt='model',
+            config_file='configs/inference.json', use_trace=True, input_shape=[1, {channels}, *{patch}])
+w = ConfigWorkflow(config_file='configs/inference.json', workflow_type='inference')
+w.initialize()
+net = w.parser.get_parsed_content('network_def')
+state = torch.load('models/model.pt', weights_only=True)
+net.load_state_dict(state.get('model', state))  # ignite saves a lone object unwrapped
+net.eval()
+scripted = torch.jit.load('models/model.ts')
+x = torch.randn(1, {channels}, *{patch}, generator=torch.Generator().manual_seed(7))
+with torch.no_grad():
+    torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+print('zoo checks passed')
+"""
+    result = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=900,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0 and "zoo checks passed" in result.stdout, result.stderr[-4000:]
+    assert torch.jit.load(str(root / "models" / "model.ts")) is not None
