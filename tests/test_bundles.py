@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
-from .conftest import REPO, shared_path
+from .conftest import shared_path
 
 BUNDLES = {
     "medtuning_brats": dict(kind="brats", regions=["ET", "TC", "WT"], values={0, 1, 2, 4}, channels=4,
@@ -34,7 +34,10 @@ TINY_PER_BUNDLE = {"medtuning_msd": dict(batch_size=1)}
 
 
 def configs(bundle: str) -> Path:
-    return REPO / "bundles" / bundle / "configs"
+    """The bundle's configs as the installed package ships them (the checkout's, in an editable install)."""
+    from medtuning.bundles.common import bundle_source
+
+    return bundle_source(bundle) / "configs"
 
 
 def demo_override(bundle: str, name: str) -> dict:
@@ -203,11 +206,11 @@ def test_multi_gpu_train_runs_two_gloo_processes(trained):
     path = folder / "ddp_override.json"
     path.write_text(json.dumps(override))
     files = [str(configs(bundle) / "train.json"), str(configs(bundle) / "multi_gpu_train.json"), str(path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
                              "--config_file", json.dumps(files)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                            cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (folder / "ddp_models" / "model.pt").is_file()
     metrics = json.loads((folder / "ddp_eval" / "metrics.json").read_text())
@@ -322,7 +325,7 @@ def test_monailabel_bundle_tasks(trained, tmp_path):
 
     bundle, folder, override = trained
     copy = tmp_path / bundle
-    shutil.copytree(REPO / "bundles" / bundle, copy,
+    shutil.copytree(configs(bundle).parent, copy,
                     ignore=shutil.ignore_patterns("work", "models", "eval", "predictions"))
     # MONAI Label passes only its own overrides, so the copy's configs carry the demo's reduced network and budget
     for config, demo in (("train.json", "demo.json"), ("inference.json", "demo_inference.json")):
@@ -365,13 +368,13 @@ def test_monailabel_bundle_tasks(trained, tmp_path):
                                            ("medtuning_msd", "dice_spleen")])
 def test_readme_demo_reaches_its_dice(tmp_path, bundle, metric):
     """The README's demo command as a user runs it (work folders moved to tmp): Dice >= 0.6 on 2 CPU cores."""
-    root = REPO / "bundles" / bundle / "configs"
+    root = configs(bundle)
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                json.dumps([str(root / "train.json"), str(root / "demo.json")]),
                "--dataset_dir", f"$medtuning.bundles.common.prepare_demo(@dataset_kind, '{tmp_path / 'work'}')",
                "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            env=os.environ)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final validation" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -109,6 +109,20 @@ def test_untrained_export_says_so(tmp_path):
     assert "Untrained" in meta["description"] and "Untrained" in readme and "eval_metrics" not in meta
 
 
+def test_backbone_file_is_checked(tmp_path):
+    from medtuning.bundles.common import check_backbone_file, file_sha256
+    from medtuning.preprocessing.io import DataError
+
+    path = tmp_path / "backbone.safetensors"
+    with pytest.raises(DataError, match=r"backbone.safetensors: the pretrained backbone file is missing; get it from "
+                                        r"https://example.org/b"):
+        check_backbone_file(path, "0" * 64, "https://example.org/b")
+    path.write_bytes(b"weights")
+    assert check_backbone_file(path, file_sha256(path)) == path
+    with pytest.raises(DataError, match=r"backbone.safetensors: not the backbone this bundle was tuned on \(sha256 "):
+        check_backbone_file(path, "0" * 64)
+
+
 def _fresh_venv(folder: Path, meta: dict) -> Path:
     """A virtual environment holding only what the bundle's metadata names (from the package index)."""
     venv.EnvBuilder(with_pip=True).create(folder)
@@ -167,7 +181,7 @@ def test_zip_runs_in_a_fresh_environment_offline(tuned_over_backbone, tmp_path):
 
     run("-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/demo.json']", "--epochs", "1",
         "--iterations_per_epoch", "2", "--val_interval", "1", cwd=root)
-    assert (root / "models" / "model.pt").is_file() and (root / "work" / "demo").is_dir()
+    assert (root / "work" / "demo" / "models" / "model.pt").is_file()  # demo.json keeps its work below the bundle
 
 
 @pytest.mark.slow
@@ -211,9 +225,40 @@ scripted = torch.jit.load('models/model.ts')
 x = torch.randn(1, {channels}, *{patch}, generator=torch.Generator().manual_seed(7))
 with torch.no_grad():
     torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+# MONAI's own loader builds the bundle's network from its folder and fills in the weights
+from monai.bundle import load
+loaded = load({bundle!r}, bundle_dir='..', workflow_type='inference', device='cpu').eval()
+with torch.no_grad():
+    torch.testing.assert_close(loaded(x), net(x), rtol=1e-5, atol=1e-5)
 print('zoo checks passed')
 """
     result = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=900,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0 and "zoo checks passed" in result.stdout, result.stderr[-4000:]
     assert torch.jit.load(str(root / "models" / "model.ts")) is not None
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_passes_the_bundle_and_preprocessing_tests(tmp_path):
+    """``python -m build`` -> a wheel -> a new virtual environment: the quick bundle and preprocessing tests pass
+    there, run from a copy of the tests, against the installed package (checked to be the wheel's)."""
+    repo = Path(__file__).resolve().parents[1]
+    pytest.importorskip("build")
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                    str(repo)], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("medtuning-*.whl"))
+    # its dependencies come from this environment: the wheel's own files are what is tested
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(tmp_path / "venv")
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=600)
+    shutil.copytree(repo / "tests", tmp_path / "suite" / "tests")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MEDTUNING_SHARED"] = str(shared_path())
+    where = subprocess.run([python, "-c", "import medtuning.networks, medtuning.bundles.common as c; "
+                            "print(medtuning.networks.__file__); print(c.bundle_source('medtuning_brats'))"],
+                           cwd=tmp_path / "suite", env=env, capture_output=True, text=True, check=True).stdout
+    assert str(repo) not in where and all(str(tmp_path / "venv") in line for line in where.split())
+    result = subprocess.run([python, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                             "tests/test_bundles.py", "tests/test_preprocessing.py"], cwd=tmp_path / "suite", env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:]

@@ -23,7 +23,7 @@ from medtuning.preprocessing.pipeline import plan_dataset, prepare
 from medtuning.preprocessing.planning import load_plan, target_spacing, transpose_for
 from medtuning.preprocessing.preprocessor import case_paths, load_properties, preprocess_dataset, preprocess_images
 
-from .conftest import REPO, shared_path
+from .conftest import shared_path
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -302,7 +302,7 @@ def test_killed_run_resumes_without_partial_files(tmp_path):
     convert_kits19(tmp_path / "src", tmp_path / "raw")
     plan_dataset(tmp_path / "raw", tmp_path / "plan.json", workers=1)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ)
     process = subprocess.Popen([sys.executable, "-m", "medtuning.preprocessing", "preprocess", str(tmp_path / "raw"),
                                 str(tmp_path / "plan.json"), str(out), "--workers", "1", "--backend", "exact"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
