@@ -10,6 +10,8 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Hashable, Mapping, Sequence
@@ -283,35 +285,204 @@ def unwrapped(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
-class TrainingCheckpoint:
-    """Save network/optimizer/scheduler/trainer every epoch (one file kept) and resume from it after a kill.
+CHECKPOINT_PATTERN = re.compile(r"last_checkpoint_epoch=(\d+)\.pt")  # the name MONAI's CheckpointSaver gave them
+SETTING_FLAGS = ("backbone", "method", "method_options", "options", "in_channels", "num_classes", "patch_size")
 
-    One handler for both, so the config need not reference the trainer from its own handlers.
+
+def save_atomically(obj, path: str | Path) -> Path:
+    """``torch.save`` into a temporary file beside ``path``, synced to disk, then renamed over it: a kill or a
+    full disk at any moment leaves the file that was there before whole (and a DataError naming ``path``)."""
+    from ..preprocessing.io import atomic_path
+
+    with atomic_path(path, durable=True) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return Path(path)
+
+
+def describe_network(settings: dict | None) -> str:
+    if not settings:
+        return "a network of unknown settings"
+    options = settings.get("method_options") or {}
+    text = (f"{settings['backbone']} + {settings['method']}{' ' + json.dumps(options) if options else ''}, "
+            f"{settings['in_channels']} channels, {settings['num_classes']} classes, patch {settings['patch_size']}")
+    return text + (f" (bundle {settings['bundle']})" if settings.get("bundle") else "")
+
+
+def network_mismatch(path: str | Path, trained: dict | None, asked: dict | None, detail: str = "") -> DataError:
+    """One message: the file, what it was trained as, what was asked for, and what to pass to load it."""
+    if trained and asked:
+        differ = [k for k in SETTING_FLAGS if trained.get(k) != asked.get(k)]
+        flags = {"options": "network_options"}
+        values = dict(trained, method_options={trained["method"]: trained["method_options"]})
+        fix = ", ".join(f"--{flags.get(k, k)} {v if isinstance(v := values[k], str) else json.dumps(v)}" for k in differ)
+        return DataError(f"{path}: trained as {describe_network(trained)}; asked for {describe_network(asked)}"
+                         + (f"; pass {fix}" if fix else ""))
+    return DataError(f"{path}: does not fit {describe_network(asked)} ({detail.splitlines()[0] if detail else ''})")
+
+
+def load_network_state(network: torch.nn.Module, state: dict, path: str | Path, trained: dict | None) -> None:
+    """``state`` into ``network``; a network it does not fit is one :func:`network_mismatch` message."""
+    target = unwrapped(network)
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as error:
+        raise network_mismatch(path, trained, getattr(target, "bundle_settings", None), str(error)) from None
+
+
+class BestModel:
+    """``model.pt``: the network at its best validation so far, written atomically. What it needs to go on
+    comparing after a resume (the best value and its epoch, the last validation's metrics) travels in the
+    training checkpoint (:class:`TrainingCheckpoint`), so a resumed run never replaces a better model."""
+
+    def __init__(self, ckpt_dir: str | Path, network: torch.nn.Module, filename: str = "model.pt"):
+        self.path, self.network = Path(ckpt_dir) / filename, network
+        self.best: tuple[float, int] | None = None  # (value, epoch)
+        self.last: tuple[dict, int] | None = None  # (metrics, epoch)
+        self.evaluator: Engine | None = None
+
+    def attach(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+        evaluator.add_event_handler(Events.COMPLETED, self._validated)
+
+    def _validated(self, evaluator: Engine) -> None:
+        name = evaluator.state.key_metric_name
+        value, epoch = float(evaluator.state.metrics[name]), int(evaluator.state.epoch)
+        self.last = ({k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}, epoch)
+        if self.best is not None and not value > self.best[0]:
+            return
+        self.best = (value, epoch)
+        if is_main_process():
+            save_atomically(unwrapped(self.network).state_dict(), self.path)
+            logger.info(f"{self.path}: best {name} {value:.4f} at epoch {epoch}")
+
+    def state_dict(self) -> dict:
+        return {"best": list(self.best) if self.best else None,
+                "last_metrics": self.last[0] if self.last else None, "last_epoch": self.last[1] if self.last else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """After a resume: compare with the stored best; the last validation's metrics stand until the next one."""
+        self.best = tuple(state["best"]) if state.get("best") else None
+        self.last = (state["last_metrics"], state["last_epoch"]) if state.get("last_metrics") is not None else None
+        if self.evaluator is not None:
+            if self.best is not None:
+                self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = self.best
+            if self.last is not None:
+                self.evaluator.state.metrics = dict(self.last[0])
+
+
+class TrainingCheckpoint:
+    """Resume a killed run where its last finished epoch left it: a kill costs at most the epoch in progress.
+
+    After every epoch and its validation, one file (``last_checkpoint_epoch=N.pt``) holds what the run needs to go
+    on: network, optimizer, scheduler, the trainer's position, the best-model record (:class:`BestModel`) and what
+    the network is. It is written to a temporary file, synced and renamed into place; the previous epoch's file is
+    deleted only then. On resume a file that cannot be read is named, set aside (``.corrupt``) and the one before
+    it used. Each epoch's randomness is seeded from (seed, epoch), so a resumed run goes on exactly as the
+    uninterrupted one would have. The folder is held by the run (a second run into it is refused).
     """
 
-    def __init__(self, ckpt_dir: str, network, optimizer, lr_scheduler=None, prefix: str = "last",
-                 plan_file: str | Path | None = None):
-        self.ckpt_dir, self.prefix, self.plan_file = Path(ckpt_dir), prefix, plan_file
-        self.objects = {"network": network, "optimizer": optimizer}
-        if lr_scheduler is not None:
-            self.objects["lr_scheduler"] = lr_scheduler
-
-    def latest(self) -> Path | None:
-        found = sorted(self.ckpt_dir.glob(f"{self.prefix}_*.pt"), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
+    def __init__(self, ckpt_dir: str, network, optimizer, lr_scheduler=None, plan_file: str | Path | None = None,
+                 best_model: BestModel | None = None, bundle_name: str | None = None, seed: int = 0):
+        self.ckpt_dir, self.plan_file, self.best_model, self.seed = Path(ckpt_dir), plan_file, best_model, int(seed)
+        self.network, self.optimizer, self.lr_scheduler, self.bundle_name = network, optimizer, lr_scheduler, bundle_name
+        self._lock = None
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._seed_epoch)
+        engine.add_event_handler(Events.COMPLETED, self._release)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release)
 
-        objects = dict(self.objects, trainer=engine)
-        engine.add_event_handler(Events.STARTED, lambda _: self._keep_plan())  # not before a run starts
-        latest = self.latest()
-        if latest is not None:
-            logger.info(f"resuming from {latest}")
-            CheckpointLoader(str(latest), objects, map_location="cpu").attach(engine)
-        CheckpointSaver(str(self.ckpt_dir), objects, file_prefix=self.prefix, save_interval=1, n_saved=1,
-                        epoch_level=True).attach(engine)
+    def about(self) -> dict:
+        settings = dict(getattr(unwrapped(self.network), "bundle_settings", None) or {})
+        return dict(settings, bundle=self.bundle_name) if settings else {}
 
+    def checkpoints(self) -> list[Path]:
+        """This folder's training checkpoints, oldest epoch first."""
+        found = [(int(m.group(1)), p) for p in self.ckpt_dir.glob("last_checkpoint_epoch=*.pt")
+                 if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    # ------------------------------------------------------------------------------------- start and resume
+    def _start(self, engine: Engine) -> None:
+        from ..preprocessing.io import folder_lock, remove_stale_temporaries
+
+        if is_main_process():
+            self._lock = folder_lock(self.ckpt_dir, "training run")
+            self._lock.__enter__()
+            remove_stale_temporaries(self.ckpt_dir)  # a killed write's, never a live run's: the folder is ours
+            self._keep_plan()
+        resumed = self._newest_readable()
+        if resumed is not None:
+            self._resume(engine, *resumed)
+            if is_main_process():  # superseded: a kill after a new file was complete can leave the one before it
+                for older in self.checkpoints():
+                    if older != resumed[0]:
+                        older.unlink(missing_ok=True)
+        if not engine.has_event_handler(self._save, Events.EPOCH_COMPLETED):
+            # registered now, after every handler the config attached (validation among them), so the file of
+            # epoch N holds epoch N's validation
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _release(self, engine: Engine, *_) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def _newest_readable(self) -> tuple[Path, dict] | None:
+        for path in reversed(self.checkpoints()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or "network" not in state or "optimizer" not in state:
+                    raise ValueError("not a training checkpoint")
+                return path, state
+            except Exception as error:  # truncated, corrupt, or not ours: never a reason to lose the run
+                if is_main_process():
+                    aside = path.with_name(path.name + ".corrupt")
+                    os.replace(path, aside)
+                    logger.warning(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]}); set aside "
+                                   f"as {aside.name}, resuming from the checkpoint before it")
+        return None
+
+    def _resume(self, engine: Engine, path: Path, state: dict) -> None:
+        load_network_state(self.network, state["network"], path, state.get("about"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        trainer = state.get("trainer", {})
+        epoch = int(state.get("epoch", trainer.get("iteration", 0) // max(1, trainer.get("epoch_length") or 1)))
+        engine.state.epoch = epoch
+        engine.state.iteration = int(state.get("iteration", trainer.get("iteration", 0)))
+        if self.best_model is not None and state.get("validation") is not None:
+            self.best_model.load_state_dict(state["validation"])
+        logger.info(f"resuming from {path} (epoch {epoch})")
+
+    def _seed_epoch(self, engine: Engine) -> None:
+        """Every epoch's random draws follow from (seed, epoch) alone, whether or not the run was resumed."""
+        from monai.data.utils import set_rnd
+        from monai.utils import set_determinism
+
+        seed = self.seed + int(engine.state.epoch)
+        set_determinism(seed=seed)
+        loader = getattr(engine, "data_loader", None)
+        if loader is not None and getattr(loader, "num_workers", 0) == 0:
+            set_rnd(loader.dataset, seed)  # with workers, MONAI seeds them from the generator just reseeded
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def _save(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        epoch = int(engine.state.epoch)
+        state = {"epoch": epoch, "iteration": int(engine.state.iteration),
+                 "network": unwrapped(self.network).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                 "validation": self.best_model.state_dict() if self.best_model is not None else None,
+                 "about": self.about()}
+        path = save_atomically(state, self.ckpt_dir / f"last_checkpoint_epoch={epoch}.pt")
+        for older in self.checkpoints():  # only now: until this file was complete, the previous one was the run
+            if older != path:
+                older.unlink(missing_ok=True)
 
     def _keep_plan(self) -> None:
         """The plan and what the network was built as travel with the model: inference and MONAI Label preprocess
@@ -320,7 +491,7 @@ class TrainingCheckpoint:
             return
         from ..preprocessing.io import atomic_path, save_json
 
-        settings = getattr(unwrapped(self.objects["network"]), "bundle_settings", None)
+        settings = getattr(unwrapped(self.network), "bundle_settings", None)
         if settings is not None:
             save_json(self.ckpt_dir / NETWORK_FILE, settings)
         if self.plan_file is None:
@@ -331,11 +502,13 @@ class TrainingCheckpoint:
             with atomic_path(target) as tmp:
                 shutil.copyfile(self.plan_file, tmp)
 
+
 def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
-    """Trained weights into ``network``: a full checkpoint saved by the bundle's CheckpointSaver
-    (``{"model": state_dict}``, ``models/model.pt``) or, where only that is shipped, the tuned-only weights
-    (``models/model.safetensors``) over the pretrained backbone the network was built with."""
-    from ..networks.checkpoint import load_tuned
+    """Trained weights into ``network``: a full checkpoint saved by the bundle (``models/model.pt``) or, where only
+    that is shipped, the tuned-only weights (``models/model.safetensors``) over the pretrained backbone the network
+    was built with. A missing, unreadable or ill-fitting file is one message naming it; one that does not fit says
+    what it was trained as (``network.json`` beside it, or the file's own record) and what to pass."""
+    from ..networks.checkpoint import load_tuned, read_tuned_metadata
     from ..networks.weights import WeightLoadError
 
     path = Path(checkpoint)
@@ -344,14 +517,22 @@ def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Mod
         path = tuned
     if not path.is_file():
         raise DataError(f"{path}: no trained model; train first (train.json) or set --checkpoint")
+    saved_settings = path.with_name(NETWORK_FILE)
+    trained = json.loads(saved_settings.read_text()) if saved_settings.is_file() else None
     if path.suffix == ".safetensors":
+        trained = (read_tuned_metadata(path).get("extra") or {}).get("network", trained)
         try:
             load_tuned(unwrapped(network), path)
         except WeightLoadError as error:
-            raise DataError(str(error)) from None
+            raise network_mismatch(path, trained, getattr(unwrapped(network), "bundle_settings", None),
+                                   str(error)) from None
         return network
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or a pickle holding code (refused by weights_only)
+        raise DataError(f"{path}: not a readable model checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200]})") from None
+    load_network_state(network, state.get("model", state) if isinstance(state, dict) else state, path, trained)
     return network
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ..preprocessing.io import atomic_path
 from .weights import WeightLoadError
 
-__all__ = ["tuned_state_dict", "save_tuned", "load_tuned", "state_dict_bytes"]
+__all__ = ["tuned_state_dict", "save_tuned", "load_tuned", "read_tuned_metadata", "state_dict_bytes"]
 
 
 def _frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -75,6 +75,16 @@ def save_tuned(model: nn.Module, path: str | Path, extra: dict | None = None) ->
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return {"tuned_file_bytes": path.stat().st_size, "full_state_bytes": state_dict_bytes(model.state_dict())}
+
+
+def read_tuned_metadata(path: str | Path) -> dict:
+    """A tuned-only checkpoint's record (method, config, extra), without its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise WeightLoadError(f"{path}: not a readable safetensors checkpoint (truncated or corrupt?): {err}") from err
+    return {k: (json.loads(v) if k in ("config", "frozen", "aliases", "extra") else v) for k, v in metadata.items()}
 
 
 def load_tuned(model: nn.Module, path: str | Path) -> dict:

@@ -13,9 +13,9 @@ from .io import DataError
 
 
 def _convert(args):
-    from .convert import CONVERTERS
+    from .convert import convert_dataset
 
-    print(json.dumps(CONVERTERS[args.kind](args.source, args.output)))
+    print(json.dumps(convert_dataset(args.kind, args.source, args.output)))
 
 
 def _verify(args):
@@ -57,7 +57,11 @@ def _invert(args):
 
     plan = load_plan(Path(args.preprocessed) / "plan.json")
     properties = load_properties(args.preprocessed, args.case)
-    labels = np.load(args.prediction)
+    try:  # a prediction is a plain array: a file that holds objects, or is not .npy at all, is refused by name
+        labels = np.load(args.prediction, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{args.prediction}: not a label array saved with numpy.save "
+                        f"({str(error).splitlines()[0][:200]})") from None
     labels = labels[0] if labels.ndim == 4 else labels
     full = labels_to_original(labels, properties, plan, backend=args.backend)
     print(write_prediction(args.output, full, properties, plan))

@@ -8,6 +8,7 @@ last; every file is written atomically.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .io import DataError, atomic_path, nifti_ending, read_json, save_json, save_nifti, strip_ending
+from .io import DataError, atomic_path, folder_lock, nifti_ending, read_json, save_json, save_nifti, strip_ending
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 BRATS_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}
@@ -90,7 +91,9 @@ def convert_brats(source: str | Path, output: str | Path, name: str = "BraTS") -
     source, output = Path(source), Path(output)
     if not source.is_dir():
         raise DataError(f"{source}: BraTS folder not found")
-    folders = sorted({p.parent for p in source.rglob("*_flair.nii*") if not p.name.startswith(".")})
+    # a case folder is any folder with a BraTS modality or label file, so a case short of one is reported, not skipped
+    folders = sorted({p.parent for m in (*BRATS_MODALITIES, "seg") for p in source.rglob(f"*_{m}.nii*")
+                      if not p.name.startswith(".")})
     if not folders:
         raise DataError(f"{source}: no BraTS case folders (no *_flair.nii or *_flair.nii.gz found)")
     counts = {"training": 0, "test": 0}
@@ -199,3 +202,26 @@ def convert_msd(source: str | Path, output: str | Path) -> dict:
 
 
 CONVERTERS = {"brats": convert_brats, "kits19": convert_kits19, "msd": convert_msd}
+
+
+def convert_dataset(kind: str, source: str | Path, output: str | Path) -> dict:
+    """All or nothing: the raw dataset is built in a hidden folder beside ``output`` and renamed to it only when
+    complete, so a failed or killed conversion never leaves a half-written raw folder (the next run clears the
+    hidden one). An ``output`` that already exists is not touched."""
+    if kind not in CONVERTERS:
+        raise DataError(f"unknown dataset kind {kind!r}; choose one of {', '.join(CONVERTERS)}")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        state = "a converted dataset" if (output / "dataset.json").is_file() else "no dataset.json (an incomplete conversion?)"
+        raise DataError(f"{output}: already exists and holds {state}; remove it or choose another output folder")
+    staging = output.parent / f".{output.name}.incomplete"
+    with folder_lock(output.parent, "conversion"):
+        shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
+        try:
+            counts = CONVERTERS[kind](source, staging)
+            if output.exists():
+                output.rmdir()
+            os.replace(staging, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return counts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from tqdm import tqdm
 from .cropping import crop_to_nonzero
 from .dataset import CaseFiles, RawDataset
 from .io import read_channels, read_volume, save_json
+from .workers import worker_pool
 
 FOREGROUND_VOXELS_FOR_STATS = 10e7  # nnU-Net's budget of foreground samples over the whole dataset
 # nnU-Net draws budget/N samples per case: 5e7 per channel for a 2-case set, seconds and GBs for nothing.
@@ -60,7 +60,7 @@ def extract_fingerprint(dataset: RawDataset, workers: int = 2, output: str | Pat
         samples_per_case = min(samples_per_case, max_samples_per_case)
     jobs = [(case, samples_per_case) for case in cases]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with worker_pool(workers) as pool:
             results = list(tqdm(pool.map(_case_fingerprint_job, jobs), total=len(jobs), desc="fingerprint"))
     else:
         results = [_case_fingerprint_job(j) for j in tqdm(jobs, desc="fingerprint")]

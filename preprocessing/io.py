@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +34,11 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 class DataError(ValueError):
     """A file or dataset that cannot be used as it is; the message names the file and the problem."""
+
+
+def plain(values, digits: int = 4) -> str:
+    """Numbers as a reader writes them, ``(1.2, 0.8, 0.8)``, not numpy's ``np.float64(1.2)``."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
 
 
 def nifti_ending(path: str | os.PathLike) -> str | None:
@@ -107,11 +115,26 @@ def read_volume(path: str | os.PathLike, allow_channels: bool = False,
     ``contiguous=False`` returns the transposed view of the file's array, for a caller that copies it anyway."""
     path = Path(path)
     image = _load(path)
+    shape = tuple(int(n) for n in image.header.get_data_shape())
+    claimed = int(np.prod(shape, dtype=np.float64) * image.header.get_data_dtype().itemsize)
     try:
         if nifti_ending(path) == ".nii.gz":
             # the whole file inflated in one call, not streamed through Python's gzip reader in small chunks
-            image = type(image).from_bytes(inflate(path.read_bytes()))
+            blob = inflate(path.read_bytes())
+            stored = len(blob)
+            image = type(image).from_bytes(blob)
+        else:
+            stored = path.stat().st_size
+        stored -= int(getattr(image.dataobj, "offset", 0))  # nibabel keeps the header offset on the data proxy
+        if claimed > stored:  # said before allocating what the header asks for
+            raise DataError(f"{path}: its header claims {' x '.join(map(str, shape))} voxels ({claimed:,} bytes) but "
+                            f"the file holds {max(stored, 0):,} bytes of voxel data: a truncated file or a corrupt header")
         data = np.asanyarray(image.dataobj)
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{path}: {' x '.join(map(str, shape))} voxels ({claimed / 2**30:.1f} GiB) need more memory "
+                        f"than is free") from None
     except Exception as error:  # truncated gzip, short file, bad scaling
         raise DataError(f"{path}: cannot read the voxel data, the file is truncated or corrupt ({error})") from error
     if data.ndim == 4 and data.shape[3] == 1:
@@ -172,23 +195,107 @@ def to_file_order(array: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.transpose(array, np.argsort(geometry.axes))
 
 
+WRITE_PROBLEMS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}
+
+
+def write_problem(error: BaseException) -> str | None:
+    """What stopped a write, in words, when it is the disk's or the folder's fault (None otherwise)."""
+    if isinstance(error, OSError) and error.errno in WRITE_PROBLEMS:
+        return WRITE_PROBLEMS[error.errno]
+    text = str(error).lower()  # writers that wrap the OS error in their own (nibabel, torch's zip writer)
+    if any(sign in text for sign in ("no space left", "file write failed", "problem writing element", "requested and")):
+        return "no space left on the device"
+    return None
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` that replaces it only when the block finishes without error."""
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it only when the block finishes without error.
+
+    ``durable``: the file's bytes and its new name reach the disk before this returns (fsync), for files a
+    crash must not take back (training checkpoints). A full disk or an unwritable folder is a DataError
+    naming ``path``; the file that was there before stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ending = nifti_ending(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ending, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ending = nifti_ending(path) or path.suffix
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=ending, dir=path.parent)
+        os.close(fd)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be written: {write_problem(error) or error}") from None
     tmp = Path(tmp)
     try:
         yield tmp
         if tmp.exists():  # mkstemp made it 0600; a finished file gets the mode the user's umask gives
             os.chmod(tmp, 0o666 & ~current_umask())
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            sync_folder(path.parent)
+    except (OSError, RuntimeError, ValueError) as error:
+        problem = write_problem(error)
+        if problem is None:
+            raise
+        raise DataError(f"{path}: cannot be written: {problem}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+LOCK_FILE = ".medtuning.lock"
+
+
+class FolderBusy(DataError):
+    """Another live run holds the folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold ``folder`` for this run: a second run that asks for it gets one clear error and touches nothing.
+
+    An advisory ``flock`` on ``FOLDER/.medtuning.lock``: the kernel drops it when the holder dies, however it
+    dies, so a killed run never leaves the folder blocked. The file names the holder for the message.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")
+    except OSError as error:
+        raise DataError(f"{folder}: cannot be written: {write_problem(error) or error}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusy(f"{folder}: in use by another {what} ({holder}); wait for it to finish, or use "
+                             f"another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()
 
 
 def current_umask() -> int:
@@ -260,9 +367,20 @@ def read_json(path: str | os.PathLike, missing: str) -> dict:
 
 
 def save_json(path: str | os.PathLike, obj) -> Path:
+    """JSON as the standard has it: a value that is not a number (NaN, infinity) is written as null."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+        tmp.write_text(json.dumps(_finite(obj), indent=1, default=_json_default, allow_nan=False))
     return Path(path)
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value):

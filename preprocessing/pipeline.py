@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .convert import CONVERTERS
+from .convert import CONVERTERS, convert_dataset
 from .dataset import RawDataset
 from .fingerprint import extract_fingerprint
 from .io import DataError
@@ -43,7 +43,7 @@ def prepare(kind: str, source: str | Path, work: str | Path, backend: str = "fas
     work = Path(work)
     raw, plan_path, output = work / "raw", work / "plan.json", work / "preprocessed"
     if not (raw / "dataset.json").is_file():
-        CONVERTERS[kind](source, raw)
+        convert_dataset(kind, source, raw)
     warnings = check_dataset(raw)
     if not plan_path.is_file():
         plan_dataset(raw, plan_path, backend=backend, workers=workers, patch_size=patch_size)

@@ -9,8 +9,9 @@ Output folder layout (one set per case; the ``.json`` is written last and marks 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,13 @@ from tqdm import tqdm
 
 from .case import preprocess_arrays
 from .dataset import CaseFiles, RawDataset
-from .io import DataError, atomic_path, check_finite, label_values, read_channels, read_volume, remove_stale_temporaries, save_json, save_npy
+from .io import (DataError, atomic_path, check_finite, folder_lock, label_values, read_channels, read_volume,
+                 remove_stale_temporaries, save_json, save_npy)
 from .planning import load_plan, plan_hash, save_plan
+from .workers import worker_pool
 
+
+logger = logging.getLogger("medtuning")
 
 def case_paths(folder: str | Path, case_id: str) -> dict[str, Path]:
     folder = Path(folder)
@@ -97,6 +102,8 @@ def preprocess_images(images: list[str | Path], plan: dict, backend: str | None 
     """
     backend = backend or plan.get("resampling_backend", "fast")
     data, geometry = read_image_channels([Path(p) for p in images], plan)
+    if not np.any(data):  # it still runs, but a prediction of pure background should not surprise anyone
+        logger.warning(f"{images[0]}: the image is all zero; its prediction will be background only")
     data, _, properties = preprocess_arrays(data, None, geometry.spacing, plan, backend=backend,
                                            foreground_classes=[], copy=False)
     properties.pop("class_locations")
@@ -165,18 +172,8 @@ def _job(args):
         return case.case_id, str(error)
 
 
-def preprocess_dataset(raw: str | Path, plan_path: str | Path, output: str | Path, workers: int = 2,
-                       backend: str | None = None, cases: list[CaseFiles] | None = None,
-                       progress: bool = True) -> dict:
-    """Preprocess every case not already done with this plan; returns counts. Bad cases are reported together."""
-    dataset = RawDataset.open(raw)
-    plan = load_plan(plan_path)
-    if backend:
-        plan["resampling_backend"] = backend
-    backend = plan.get("resampling_backend", "fast")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output)
+def _preprocess_into(output: Path, dataset: RawDataset, plan: dict, backend: str, cases: list | None, workers: int,
+                     progress: bool) -> tuple[list[str], list, list]:
     save_plan(plan, output / "plan.json")
     expected = plan_hash(plan)
     cases = dataset.training_cases() if cases is None else cases
@@ -192,7 +189,7 @@ def preprocess_dataset(raw: str | Path, plan_path: str | Path, output: str | Pat
             failures += [error] if error else []
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+        with worker_pool(workers, _init_worker, (threads,)) as pool:
             pending, queue = set(), list(todo)
             # at most one queued job per worker, so memory stays bounded by the workers' cases
             while queue or pending:
@@ -204,6 +201,22 @@ def preprocess_dataset(raw: str | Path, plan_path: str | Path, output: str | Pat
                     failures += [error] if error else []
                     bar.update()
     bar.close()
+    return failures, todo, cases
+
+
+def preprocess_dataset(raw: str | Path, plan_path: str | Path, output: str | Path, workers: int = 2,
+                       backend: str | None = None, cases: list[CaseFiles] | None = None,
+                       progress: bool = True) -> dict:
+    """Preprocess every case not already done with this plan; returns counts. Bad cases are reported together."""
+    dataset = RawDataset.open(raw)
+    plan = load_plan(plan_path)
+    if backend:
+        plan["resampling_backend"] = backend
+    backend = plan.get("resampling_backend", "fast")
+    output = Path(output)
+    with folder_lock(output, "preprocessing run"):  # taken before anything is touched: a second run leaves ours alone
+        remove_stale_temporaries(output)
+        failures, todo, cases = _preprocess_into(output, dataset, plan, backend, cases, workers, progress)
     if failures:
         raise DataError(f"{len(failures)} case(s) could not be preprocessed:\n" + "\n".join(failures))
     return {"total": len(cases), "preprocessed": len(todo), "skipped": len(cases) - len(todo)}

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from .dataset import RawDataset
-from .io import DataError
+from .io import DataError, plain
 
 
 @dataclass
@@ -63,14 +63,14 @@ def _compare(path: Path, reference_path: Path, volume: _Volume, reference: _Volu
         problems.append(Problem("error", str(path), f"{what} shape {volume.shape} differs from "
                                                     f"{reference_path.name} {reference.shape}"))
     if not np.allclose(volume.spacing, reference.spacing, rtol=1e-3, atol=1e-4):
-        problems.append(Problem("error", str(path), f"{what} spacing {tuple(np.round(volume.spacing, 4))} differs "
-                                                    f"from {reference_path.name} {tuple(np.round(reference.spacing, 4))}"))
+        problems.append(Problem("error", str(path), f"{what} spacing {plain(volume.spacing, 4)} differs "
+                                                    f"from {reference_path.name} {plain(reference.spacing, 4)}"))
     if not np.allclose(volume.direction, reference.direction, atol=1e-3):
         problems.append(Problem("error", str(path), f"{what} orientation (affine direction) differs from "
                                                     f"{reference_path.name}"))
     elif not np.allclose(volume.origin, reference.origin, atol=1e-2 * max(1.0, float(reference.spacing.min()))):
-        problems.append(Problem("error", str(path), f"{what} origin {tuple(np.round(volume.origin, 3))} differs from "
-                                                    f"{reference_path.name} {tuple(np.round(reference.origin, 3))}"))
+        problems.append(Problem("error", str(path), f"{what} origin {plain(volume.origin, 3)} differs from "
+                                                    f"{reference_path.name} {plain(reference.origin, 3)}"))
 
 
 def verify_dataset(root: str | Path) -> list[Problem]:
