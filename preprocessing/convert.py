@@ -58,11 +58,27 @@ def write_remapped_labels(source: Path, target: Path, source_values: list[int]) 
         nib.save(out, str(tmp))
 
 
+class Sources(dict):
+    """Which of the user's files each raw file was made from (raw path, relative to the raw folder -> the user's
+    file), kept in dataset.json so that a message about a raw file names the user's own file too."""
+
+    def __init__(self, output: Path):
+        super().__init__()
+        self.output = output
+
+    def add(self, target: Path, source: Path, channel: int | None = None) -> None:
+        self[target.relative_to(self.output).as_posix()] = str(source) + (f" (channel {channel})" if channel is not None
+                                                                           else "")
+
+
 def write_dataset_json(output: Path, name: str, channel_names: dict, labels: dict, num_training: int,
-                       source_values: list[int], source: str, regions: dict | None = None) -> Path:
+                       source_values: list[int], source: str, regions: dict | None = None,
+                       sources: Sources | None = None) -> Path:
     meta = {"name": name, "channel_names": channel_names, "labels": labels, "numTraining": num_training,
             "file_ending": ".nii.gz", "source": source, "original_label_values": source_values,
             "label_remap": {str(s): r for r, s in enumerate(source_values)}}
+    if sources:
+        meta["source_files"] = dict(sources)
     if regions:
         meta["regions"] = regions
     return save_json(output / "dataset.json", meta)
@@ -96,7 +112,7 @@ def convert_brats(source: str | Path, output: str | Path, name: str = "BraTS") -
                       if not p.name.startswith(".")})
     if not folders:
         raise DataError(f"{source}: no BraTS case folders (no *_flair.nii or *_flair.nii.gz found)")
-    counts = {"training": 0, "test": 0}
+    counts, sources = {"training": 0, "test": 0}, Sources(output)
     for folder in tqdm(folders, desc="convert BraTS"):
         case_id = folder.name
         images = {m: _brats_file(folder, m) for m in BRATS_MODALITIES}
@@ -108,12 +124,14 @@ def convert_brats(source: str | Path, output: str | Path, name: str = "BraTS") -
         split = "imagesTr" if label else "imagesTs"
         for c, modality in enumerate(BRATS_MODALITIES):
             copy_as_nifti_gz(images[modality], output / split / f"{case_id}_{c:04d}.nii.gz")
+            sources.add(output / split / f"{case_id}_{c:04d}.nii.gz", images[modality])
         if label:
             write_remapped_labels(label, output / "labelsTr" / f"{case_id}.nii.gz", BRATS_SOURCE_VALUES)
+            sources.add(output / "labelsTr" / f"{case_id}.nii.gz", label)
         counts["training" if label else "test"] += 1
     write_dataset_json(output, name, {str(i): m.upper() if m != "t1ce" else "T1ce" for i, m in
                                       enumerate(BRATS_MODALITIES)}, BRATS_LABELS, counts["training"],
-                       BRATS_SOURCE_VALUES, "BraTS", BRATS_REGIONS)
+                       BRATS_SOURCE_VALUES, "BraTS", BRATS_REGIONS, sources)
     return counts
 
 
@@ -140,7 +158,7 @@ def convert_kits19(source: str | Path, output: str | Path, name: str = "KiTS19")
     folders = sorted({p.parent for p in source.rglob("imaging.nii.gz")})
     if not folders:
         raise DataError(f"{source}: no KiTS19 case folders (case_XXXXX/imaging.nii.gz)")
-    counts = {"training": 0, "test": 0}
+    counts, sources = {"training": 0, "test": 0}, Sources(output)
     for folder in tqdm(folders, desc="convert KiTS19"):
         case_id = folder.name
         image_path = folder / "imaging.nii.gz"
@@ -149,6 +167,7 @@ def convert_kits19(source: str | Path, output: str | Path, name: str = "KiTS19")
         data, affine = canonical_axis_order(image_path, image)
         split = "imagesTr" if label_path.exists() else "imagesTs"
         save_nifti(output / split / f"{case_id}_0000.nii.gz", data, affine)
+        sources.add(output / split / f"{case_id}_0000.nii.gz", image_path)
         if label_path.exists():
             seg, seg_affine = canonical_axis_order(label_path, nib.load(str(label_path)))
             if seg.shape != data.shape:
@@ -157,8 +176,10 @@ def convert_kits19(source: str | Path, output: str | Path, name: str = "KiTS19")
             if unknown:
                 raise DataError(f"{label_path}: unexpected label value(s) {unknown}; KiTS19 labels are 0, 1, 2")
             save_nifti(output / "labelsTr" / f"{case_id}.nii.gz", seg, seg_affine, dtype=np.uint8)
+            sources.add(output / "labelsTr" / f"{case_id}.nii.gz", label_path)
         counts["training" if label_path.exists() else "test"] += 1
-    write_dataset_json(output, name, {"0": "CT"}, KITS_LABELS, counts["training"], [0, 1, 2], "KiTS19", KITS_REGIONS)
+    write_dataset_json(output, name, {"0": "CT"}, KITS_LABELS, counts["training"], [0, 1, 2], "KiTS19", KITS_REGIONS,
+                       sources)
     return counts
 
 
@@ -175,7 +196,7 @@ def convert_msd(source: str | Path, output: str | Path) -> dict:
     modalities = {str(k): v for k, v in meta["modality"].items()}
     labels = {name: int(value) for value, name in meta["labels"].items()}
     values = sorted(labels.values())
-    counts = {"training": 0, "test": 0}
+    counts, sources = {"training": 0, "test": 0}, Sources(output)
     entries = [(e["image"], e["label"]) for e in meta.get("training", [])] + [(e, None) for e in meta.get("test", [])]
     for image_entry, label_entry in tqdm(entries, desc=f"convert {source.name}"):
         image_path = _msd_path(source, image_entry)
@@ -190,14 +211,17 @@ def convert_msd(source: str | Path, output: str | Path) -> dict:
             data = np.asanyarray(image.dataobj)
             for c in range(image.shape[3]):
                 save_nifti(output / split / f"{case_id}_{c:04d}.nii.gz", data[..., c], image.affine)
+                sources.add(output / split / f"{case_id}_{c:04d}.nii.gz", image_path, c)
         else:
             copy_as_nifti_gz(image_path, output / split / f"{case_id}_0000.nii.gz")
+            sources.add(output / split / f"{case_id}_0000.nii.gz", image_path)
         if label_entry:
             label_path = _msd_path(source, label_entry)
             write_remapped_labels(label_path, output / "labelsTr" / f"{case_id}.nii.gz", values)
+            sources.add(output / "labelsTr" / f"{case_id}.nii.gz", label_path)
         counts["training" if label_entry else "test"] += 1
     write_dataset_json(output, meta.get("name", source.name), modalities, labels, counts["training"], values,
-                       source.name)
+                       source.name, sources=sources)
     return counts
 
 

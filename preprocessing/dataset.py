@@ -36,6 +36,14 @@ class RawDataset:
             raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
         return cls(root=root, meta=meta)
 
+    def in_user_terms(self, text: str) -> str:
+        """``text`` with every raw file it names also named by the user's file it was converted from."""
+        for relative, source in (self.meta.get("source_files") or {}).items():
+            raw = str(self.root / relative)
+            if raw in text:
+                text = text.replace(raw, f"{source} (converted to {raw})")
+        return text
+
     @property
     def name(self) -> str:
         return self.meta.get("name", self.root.name)

@@ -186,7 +186,7 @@ def _preprocess_into(output: Path, dataset: RawDataset, plan: dict, backend: str
         _init_worker(threads)
         for case in todo:
             _, error = _job((case, plan, output, backend))
-            failures += [error] if error else []
+            failures += [dataset.in_user_terms(error)] if error else []
             bar.update()
     else:
         with worker_pool(workers, _init_worker, (threads,)) as pool:
@@ -198,7 +198,7 @@ def _preprocess_into(output: Path, dataset: RawDataset, plan: dict, backend: str
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     _, error = future.result()
-                    failures += [error] if error else []
+                    failures += [dataset.in_user_terms(error)] if error else []
                     bar.update()
     bar.close()
     return failures, todo, cases

@@ -122,4 +122,6 @@ def verify_dataset(root: str | Path) -> list[Problem]:
                                                               f"(declared: {sorted(declared)})"))
         if values <= {0}:
             problems.append(Problem("warning", str(case.label), "empty label map (background only)"))
+    for problem in problems:  # the user's own file names, beside the converted ones
+        problem.path = dataset.in_user_terms(problem.path)
     return problems

@@ -62,3 +62,20 @@ def forward_counting_saved(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch
     """``net(x)`` and the bytes of :func:`forward_keeping_saved`'s tensors."""
     out, saved = forward_keeping_saved(net, x)
     return out, sum(t.numel() * t.element_size() for t in saved)
+
+
+@pytest.fixture(scope="session", params=["medtuning_brats", "medtuning_kits", "medtuning_msd"])
+def trained(request, tmp_path_factory):
+    """A bundle trained for a few iterations on its demo data (prepared once per bundle, shared by every module)."""
+    from medtuning.bundles.common import prepare_demo
+
+    from .test_bundles import BUNDLES, TINY, TINY_PER_BUNDLE, demo_override, run_workflow
+
+    bundle = request.param
+    folder = tmp_path_factory.mktemp(bundle)
+    work = prepare_demo(BUNDLES[bundle]["kind"], folder / "work")
+    override = demo_override(bundle, "demo.json")
+    override.update(TINY, dataset_dir=work, ckpt_dir=str(folder / "models"), output_dir=str(folder / "eval"))
+    override.update(TINY_PER_BUNDLE.get(bundle, {}))
+    run_workflow(bundle, ["train.json"], override, folder, "train")
+    return bundle, folder, override

@@ -57,21 +57,6 @@ def run_workflow(bundle: str, files: list[str], override: dict, folder: Path, wo
     return workflow
 
 
-@pytest.fixture(scope="module", params=sorted(BUNDLES))
-def trained(request, tmp_path_factory):
-    """A bundle trained for a few iterations on its demo data (prepared once per bundle)."""
-    bundle = request.param
-    folder = tmp_path_factory.mktemp(bundle)
-    from medtuning.bundles.common import prepare_demo
-
-    work = prepare_demo(BUNDLES[bundle]["kind"], folder / "work")
-    override = demo_override(bundle, "demo.json")
-    override.update(TINY, dataset_dir=work, ckpt_dir=str(folder / "models"), output_dir=str(folder / "eval"))
-    override.update(TINY_PER_BUNDLE.get(bundle, {}))
-    run_workflow(bundle, ["train.json"], override, folder, "train")
-    return bundle, folder, override
-
-
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_metadata_matches_schema_offline(tmp_path, bundle):
     schema = tmp_path / "schema.json"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from .conftest import shared_path
-from .test_bundles import BUNDLES, TINY, TINY_PER_BUNDLE, configs, demo_override, run_workflow
+from .test_bundles import BUNDLES, TINY, demo_override, run_workflow
 
 BRATS = "medtuning_brats"
 
@@ -185,19 +185,13 @@ def test_zip_runs_in_a_fresh_environment_offline(tuned_over_backbone, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", sorted(BUNDLES))
-def test_exported_bundles_pass_the_zoo_checks(bundle, tmp_path):
+def test_exported_bundles_pass_the_zoo_checks(trained, tmp_path):
     """verify_metadata, verify_net_in_out, check_properties (train, inference) on the bare default configs, and
     ckpt_export to TorchScript equal to eager on a new input, each from inside the extracted bundle."""
-    from medtuning.bundles.common import prepare_demo
     from medtuning.bundles.export import export_bundle
 
-    work = prepare_demo(BUNDLES[bundle]["kind"], tmp_path / "work")
-    override = dict(demo_override(bundle, "demo.json"), **TINY, dataset_dir=work, ckpt_dir=str(tmp_path / "models"),
-                    output_dir=str(tmp_path / "eval"))
-    override.update(TINY_PER_BUNDLE.get(bundle, {}), epochs=1)
-    run_workflow(bundle, ["train.json"], override, tmp_path, "train")
-    zipped = export_bundle(bundle, tmp_path / "dist", models=tmp_path / "models")
+    bundle, folder, override = trained
+    zipped = export_bundle(bundle, tmp_path / "dist", models=folder / "models")
     with zipfile.ZipFile(zipped) as z:
         z.extractall(tmp_path / "unzipped")
     root = tmp_path / "unzipped" / bundle

@@ -8,6 +8,7 @@ reliability section.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -45,7 +46,27 @@ def epoch_of(point: list) -> int:
     return (point[1] - 1) // ITERATIONS + 1 if point[0] == "iteration" else point[1]
 
 
-def _train(folder: Path, work: str, point: list | None, **settings) -> subprocess.CompletedProcess:
+def _run_bundle(files: list[str], log: str) -> None:
+    """In a process forked from one that has the libraries loaded: what ``python -m monai.bundle run
+    --config_file FILES`` runs, its output into ``log``."""
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr = open(log, "w", buffering=1)
+    from monai.bundle import run
+
+    run(config_file=files)
+
+
+def bundle_runner():
+    """Runs start by forking a server that imported torch, MONAI and this package once (and computed nothing, so
+    forking it is safe): a chain of two dozen runs does not pay for two dozen interpreter starts."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "monai.bundle", "ignite.engine", "medtuning.bundles", "tests.faults"])
+    return context
+
+
+def _train(folder: Path, work: str, point: list | None, runner=None, **settings) -> subprocess.CompletedProcess:
+    """One ``monai.bundle run`` of the tiny training (``runner``: forked as :func:`bundle_runner` makes them,
+    else the command line itself), SIGKILLed at ``point`` if one is given."""
     override = dict(demo_override(BUNDLE, "demo.json"), **dict(TINY_RUN, **settings), dataset_dir=work,
                     ckpt_dir=str(folder / "models"), output_dir=str(folder / "eval"))
     if point is not None:
@@ -54,6 +75,12 @@ def _train(folder: Path, work: str, point: list | None, **settings) -> subproces
     path = folder / "override.json"
     path.write_text(json.dumps(override))
     files = [str(configs(BUNDLE) / "train.json"), str(path)]
+    if runner is not None:
+        log = folder / "run.log"
+        process = runner.Process(target=_run_bundle, args=(files, str(log)))
+        process.start()
+        process.join(600)
+        return subprocess.CompletedProcess(files, process.exitcode, log.read_text(), "")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_TESTS))
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=600)
@@ -83,21 +110,22 @@ def demo_work(tmp_path_factory):
 def test_training_killed_anywhere_resumes_to_the_same_result(demo_work, tmp_path):
     """A chain of runs, each SIGKILLed at the next point and the next resuming it, ends where an uninterrupted run
     ends (weights, optimizer, best model, metrics: equal), and no kill costs more than the epoch in progress."""
+    runner = bundle_runner()
     clean = tmp_path / "clean"
     clean.mkdir()
-    result = _train(clean, demo_work, None)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train(clean, demo_work, None, runner)
+    assert result.returncode == 0, result.stdout[-3000:]
 
     chained = tmp_path / "chained"
     chained.mkdir()
     points, survived, lost = kill_points(), 0, []
     for point in points:
-        result = _train(chained, demo_work, point)
-        assert result.returncode == -signal.SIGKILL, (point, result.returncode, result.stderr[-3000:])
+        result = _train(chained, demo_work, point, runner)
+        assert result.returncode == -signal.SIGKILL, (point, result.returncode, result.stdout[-3000:])
         lost.append(epoch_of(point) - _resumable_epoch(chained))  # epochs of work the next run does again
         survived += 1
-    result = _train(chained, demo_work, None)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train(chained, demo_work, None, runner)
+    assert result.returncode == 0, result.stdout[-3000:]
 
     checkpoint, best, metrics = _final_state(chained)
     reference_checkpoint, reference_best, reference_metrics = _final_state(clean)
@@ -313,3 +341,19 @@ def test_header_claiming_more_voxels_than_the_file_holds(tmp_path):
         with pytest.raises(DataError, match=rf"{name}: its header claims 4000 x 4000 x 4000 voxels "
                                             r"\(128,000,000,000 bytes\) but the file holds 128 bytes"):
             read_volume(tmp_path / name)
+
+
+def test_messages_name_the_users_own_files(tmp_path):
+    """A problem in a converted file is reported under the user's file name (``..._t2.nii.gz``), not only under
+    the raw copy's (``..._0002.nii.gz``)."""
+    from medtuning.preprocessing.convert import convert_dataset
+    from medtuning.preprocessing.demo import make_brats
+    from medtuning.preprocessing.verify import verify_dataset
+
+    source = make_brats(tmp_path / "src", cases=2, held_out=0, shape=(24, 24, 16))
+    convert_dataset("brats", source, tmp_path / "raw")
+    copy = sorted((tmp_path / "raw" / "imagesTr").glob("*_0002.nii.gz"))[0]
+    copy.write_bytes(copy.read_bytes()[:100])
+    t2 = next(source.rglob(copy.name.replace("_0002.nii.gz", "_t2.nii.gz")))
+    errors = [str(p) for p in verify_dataset(tmp_path / "raw") if p.level == "error"]
+    assert errors and errors[0].startswith(f"ERROR: {t2} (converted to {copy}): "), errors
