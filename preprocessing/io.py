@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,36 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 class DataError(ValueError):
     """A file or dataset that cannot be used as it is; the message names the file and the problem."""
+
+
+DEBUG_VARIABLE = "MEDTUNING_DEBUG"
+
+
+def own_error(error: BaseException | None) -> "DataError | None":
+    """The project's own error behind ``error``, however deep a framework wrapped it (MONAI's config evaluation
+    re-raises it as the cause of a RuntimeError), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def install_short_errors() -> None:
+    """An uncaught error of the project's own ends a command as one line, ``error: FILE: problem``, last on the
+    screen; the whole traceback only with ``MEDTUNING_DEBUG=1``. Any other error keeps Python's own report."""
+    previous = sys.excepthook
+
+    def report(kind, value, traceback):
+        error = own_error(value)
+        if error is None or os.environ.get(DEBUG_VARIABLE):
+            return previous(kind, value, traceback)
+        sys.stderr.write(f"(the full traceback: {DEBUG_VARIABLE}=1)\nerror: {error}\n")
+
+    if getattr(sys.excepthook, "__qualname__", "") != report.__qualname__:
+        sys.excepthook = report
 
 
 def plain(values, digits: int = 4) -> str:

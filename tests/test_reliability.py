@@ -357,3 +357,47 @@ def test_messages_name_the_users_own_files(tmp_path):
     t2 = next(source.rglob(copy.name.replace("_0002.nii.gz", "_t2.nii.gz")))
     errors = [str(p) for p in verify_dataset(tmp_path / "raw") if p.level == "error"]
     assert errors and errors[0].startswith(f"ERROR: {t2} (converted to {copy}): "), errors
+
+
+def test_a_bundle_run_on_bad_input_ends_with_one_line(tmp_path):
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs(BUNDLE) / "train.json"),
+               "--dataset_dir", str(tmp_path / "nope"), "--bundle_root", str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "MEDTUNING_DEBUG"})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: dataset_dir does not exist"
+    assert "Traceback" not in result.stderr
+    debug = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, MEDTUNING_DEBUG="1"))
+    assert "Traceback" in debug.stderr and "dataset_dir does not exist" in debug.stderr
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    from medtuning.preprocessing.io import save_json
+
+    save_json(tmp_path / "metrics.json", {"dice": 0.5, "hd95": float("nan"), "per_case": [float("inf"), 1.0]})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse) == {
+        "dice": 0.5, "hd95": None, "per_case": [None, 1.0]}
+
+
+def test_an_all_zero_image_is_predicted_with_a_warning(tmp_path, caplog):
+    import logging
+
+    import nibabel as nib
+
+    from medtuning.preprocessing.demo import make_kits19
+    from medtuning.preprocessing.pipeline import prepare
+    from medtuning.preprocessing.planning import load_plan
+    from medtuning.preprocessing.preprocessor import preprocess_images
+
+    make_kits19(tmp_path / "src", cases=3, held_out=0, size=64, slices=(20, 24), inplane=(1.5, 1.5))
+    prepare("kits19", tmp_path / "src", tmp_path / "work", workers=1, progress=False)
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), np.diag([1.5, 1.5, 3.0, 1])), str(blank))
+    with caplog.at_level(logging.WARNING, logger="medtuning"):
+        preprocess_images([blank], load_plan(tmp_path / "work" / "plan.json"))
+    assert f"{blank}: the image is all zero; its prediction will be background only" in caplog.text
