@@ -503,6 +503,12 @@ class TrainingCheckpoint:
                 shutil.copyfile(self.plan_file, tmp)
 
 
+def saved_network_settings(models: str | Path) -> dict | None:
+    """What the model in ``models/`` was built as (``network.json``, written by training), if it says."""
+    path = Path(models) / NETWORK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
     """Trained weights into ``network``: a full checkpoint saved by the bundle (``models/model.pt``) or, where only
     that is shipped, the tuned-only weights (``models/model.safetensors``) over the pretrained backbone the network
@@ -517,8 +523,7 @@ def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Mod
         path = tuned
     if not path.is_file():
         raise DataError(f"{path}: no trained model; train first (train.json) or set --checkpoint")
-    saved_settings = path.with_name(NETWORK_FILE)
-    trained = json.loads(saved_settings.read_text()) if saved_settings.is_file() else None
+    trained = saved_network_settings(path.parent)
     if path.suffix == ".safetensors":
         trained = (read_tuned_metadata(path).get("extra") or {}).get("network", trained)
         try:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..preprocessing.io import DataError, atomic_path
-from .common import NETWORK_FILE, PACKAGE, TUNED_FILE, bundle_root, bundle_source, build_bundle_network
+from .common import (NETWORK_FILE, PACKAGE, TUNED_FILE, build_bundle_network, bundle_root, bundle_source,
+                     saved_network_settings)
 
 SUBPACKAGES = ("networks", "preprocessing", "bundles")
 # known releases of the pretrained backbones the bundles are built for: where a user gets each file
@@ -97,11 +98,11 @@ def retarget(text: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- models
 def network_settings(models: Path) -> dict:
-    path = models / NETWORK_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: missing; the model in {models} was trained before models carried their network "
-                        f"settings: train it again, or export with --models pointing at a newer run")
-    return json.loads(path.read_text())
+    settings = saved_network_settings(models)
+    if settings is None:
+        raise DataError(f"{models / NETWORK_FILE}: missing; the model in {models} was trained before models carried "
+                        f"their network settings: train it again, or export with --models pointing at a newer run")
+    return settings
 
 
 def settings_overrides(settings: dict) -> dict:

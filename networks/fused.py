@@ -104,7 +104,7 @@ def expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weig
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     stats = _statistics_dtype(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        logits = apply_function(_ExpandNormClassify, x.reshape(-1, c).to(dtype), expand_weight.to(dtype), norm_weight.to(stats),
-                                           norm_bias.to(stats), classifier_weight.flatten(1).to(stats), eps)
+        logits = apply_function(_ExpandNormClassify, x.reshape(-1, c).to(dtype), expand_weight.to(dtype),
+                                norm_weight.to(stats), norm_bias.to(stats), classifier_weight.flatten(1).to(stats), eps)
     logits = logits.view(b, h, w, scale, scale, -1)
     return logits.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * scale, w * scale)
