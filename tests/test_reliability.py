@@ -130,6 +130,8 @@ def test_training_killed_anywhere_resumes_to_the_same_result(demo_work, tmp_path
     checkpoint, best, metrics = _final_state(chained)
     reference_checkpoint, reference_best, reference_metrics = _final_state(clean)
     _assert_same_state(checkpoint["network"], reference_checkpoint["network"])
+    for key, value in checkpoint["optimizer"]["state"].items():
+        _assert_same_state(value, reference_checkpoint["optimizer"]["state"][key])
     # NaN (an empty structure's HD95) compares equal as JSON text
     assert json.dumps(checkpoint["validation"], sort_keys=True) == json.dumps(reference_checkpoint["validation"],
                                                                            sort_keys=True)
