@@ -169,15 +169,12 @@ def test_zip_runs_in_a_fresh_environment_offline(tuned_over_backbone, tmp_path):
     predicted = sorted((root / "predictions").rglob("*.nii.gz"))
     assert len(predicted) == 1
 
-    # the same case through the repository's bundle with the full model.pt: the same labels
-    from medtuning.bundles.common import load_model
-
+    # the same case through the repository's bundle with the full model.pt (its models/ holds no tuned-only file)
     override = dict(demo_override(BRATS, "demo_inference.json"), ckpt_dir=str(folder / "models"),
                     output_dir=str(tmp_path / "reference"), images=[case], pretrained=str(backbone))
-    reference = run_workflow(BRATS, ["inference.json"], override, tmp_path, "inference")
+    run_workflow(BRATS, ["inference.json"], override, tmp_path, "inference")
     expected = nib.load(next((tmp_path / "reference").rglob("*.nii.gz")))
     np.testing.assert_array_equal(np.asarray(nib.load(predicted[0]).dataobj), np.asarray(expected.dataobj))
-    assert load_model  # the reference above loaded model.pt through it
 
     run("-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/demo.json']", "--epochs", "1",
         "--iterations_per_epoch", "2", "--val_interval", "1", cwd=root)
