@@ -91,6 +91,50 @@ def required_packages(files: list[Path]) -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in sorted(names, key=str.lower)}
 
 
+def environment_versions(code: list[Path], package: bool = False) -> dict:
+    """metadata.json's version fields as installed here, for ``code`` (``package``: the configs also import this
+    package, as the repository's bundles do, rather than their own ``scripts/``)."""
+    packages = required_packages(code)
+    if package:
+        packages[PACKAGE] = importlib.metadata.version(PACKAGE)
+    return {"monai_version": importlib.metadata.version("monai"), "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": importlib.metadata.version("numpy"), "required_packages_version": packages}
+
+
+def package_code() -> list[Path]:
+    return [f for sub, folder in package_folders().items() if sub for f in sorted(folder.rglob("*.py"))]
+
+
+def metadata_drift(names: list[str]) -> list[str]:
+    """Where the bundles' own metadata.json disagrees with what is installed, one line each."""
+    installed, lines = environment_versions(package_code(), package=True), []
+    for name in names:
+        path = bundle_source(name) / "configs" / "metadata.json"
+        meta = json.loads(path.read_text())
+        for key, value in installed.items():
+            if meta.get(key) != value:
+                lines.append(f"{path}: {key} is {meta.get(key)}, installed: {value}")
+    return lines
+
+
+def sync_metadata(names: list[str]) -> list[Path]:
+    """Write what is installed into the bundles' own metadata.json (the versions the bundles were tested with)."""
+    installed, written = environment_versions(package_code(), package=True), []
+    for name in names:
+        path = bundle_source(name) / "configs" / "metadata.json"
+        meta = json.loads(path.read_text())
+        if any(meta.get(k) != v for k, v in installed.items()):
+            meta.update(installed)
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+            written.append(path)
+    return written
+
+
+def bundle_names() -> list[str]:
+    return sorted(p.name for p in bundle_source("").glob("medtuning_*"))
+
+
 def retarget(text: str) -> str:
     """Config text whose code references name the bundle's ``scripts`` package instead of this package."""
     return CODE_REFERENCE.sub("scripts.", text).replace(f'"$import {PACKAGE}"', '"$import scripts"')
@@ -231,9 +275,7 @@ def export_bundle(name: str, out: str | Path, models: str | Path | None = None, 
                 content.update(overrides)
                 text = json.dumps(content, indent=1, ensure_ascii=False) + "\n"
             config.write_text(text)
-        meta["required_packages_version"] = required_packages(code)
-        meta.update(monai_version=importlib.metadata.version("monai"),
-                    pytorch_version=torch.__version__.split("+")[0], numpy_version=importlib.metadata.version("numpy"))
+        meta.update(environment_versions(code))
         if settings:
             for port in ("inputs", "outputs"):
                 for spec in meta["network_data_format"][port].values():
@@ -285,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone-url", help="where users get the pretrained backbone file (large_files.yml)")
     parser.add_argument("--sizes", action="store_true",
                         help="print a Markdown table of paper-size model files (full vs tuned-only) for every bundle")
+    parser.add_argument("--sync-metadata", action="store_true",
+                        help="write the installed versions into the bundles' own metadata.json (after a tested upgrade)")
     args = parser.parse_args(argv)
+    if args.sync_metadata:
+        for path in sync_metadata([args.bundle] if args.bundle else bundle_names()):
+            print(f"updated {path}")
+        return 0
     if args.sizes:
-        names = [args.bundle] if args.bundle else sorted(p.name for p in bundle_source("").glob("medtuning_*"))
+        names = [args.bundle] if args.bundle else bundle_names()
         print("| bundle | network | full model.pt | tuned-only model.safetensors | ratio |\n|---|---|---:|---:|---:|")
         for r in paper_size_files(names):
             print(f"| {r['bundle']} | {r['network']} | {r['full_bytes'] / 2**20:.1f} MiB | "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
@@ -20,6 +21,8 @@ from ..preprocessing.io import atomic_path, save_json
 from .common import distributed, is_main_process
 
 logger = logging.getLogger("medtuning")
+# MONAI 1.6's own Hausdorff code passes get_mask_edges an argument it has deprecated; nothing a caller can change
+warnings.filterwarnings("ignore", message=r".*get_mask_edges:always_return_as_numpy", category=FutureWarning)
 
 
 class LabelsToRegionsd(MapTransform):

@@ -51,8 +51,8 @@ def train_one(settings: dict, out: Path) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from ..networks.benchmark import peak_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
-    from ..networks.summary import parameter_summary
+    from ..networks.tools.benchmark import peak_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    from ..networks.tools.summary import parameter_summary
 
     bundle = settings["bundle"]
     files = [str(_configs(bundle) / "train.json")]

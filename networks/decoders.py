@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import expand_norm_classify
-from .layers import drop_path_rates, init_linear
-from .swin import SwinTransformerBlock
+from .efficiency.fused_head import expand_norm_classify
+from .backbones.layers import drop_path_rates, init_linear
+from .backbones.swin import SwinTransformerBlock
 
 __all__ = ["UPerNet", "ViTUPerNetDecoder", "SwinUNetDecoder", "PatchExpand"]
 
@@ -173,7 +173,7 @@ class SwinUNetDecoder(nn.Module):
 
     def classify_full_resolution(self, x: torch.Tensor) -> torch.Tensor:
         """The x4 expansion, its LayerNorm and the 1x1 output convolution, ``(B, h, w, C) -> (B, K, 4h, 4w)``:
-        ``output(up(x))`` computed a few hundred tokens at a time (:mod:`networks.fused`), so the
+        ``output(up(x))`` computed a few hundred tokens at a time (:mod:`networks.efficiency.fused_head`), so the
         full-resolution C-channel map, the largest tensor of the network, is never stored."""
         return expand_norm_classify(x, self.up.expand.weight, self.up.norm.weight, self.up.norm.bias,
                                     self.output.weight, self.up.scale, self.up.norm.eps)

@@ -18,11 +18,11 @@ from torch import nn
 
 from .context import SliceContext
 from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
-from .memory import check_frozen_options, configure_frozen_blocks
+from .efficiency.frozen_blocks import check_frozen_options, configure_frozen_blocks
 from .pet.base import AdapterSite
-from .swin import PatchMerging, SwinTransformer
-from .unet_blocks import use_memory_efficient_blocks
-from .vit import VisionTransformer
+from .backbones.swin import PatchMerging, SwinTransformer
+from .efficiency.unet_blocks import use_memory_efficient_blocks
+from .backbones.vit import VisionTransformer
 from .weights import LoadReport, load_backbone_weights, load_swinunetr_weights
 
 __all__ = ["SliceVolumeNet", "ViTUPerNet", "SwinUNet", "SwinUNETRNet", "build_network", "NETWORKS"]
@@ -129,7 +129,7 @@ class SwinUNet(SliceVolumeNet):
         return sites
 
     def frozen_layers(self) -> list[nn.Module]:
-        """Encoder layers between the blocks that run like them when frozen (:mod:`networks.memory`): the
+        """Encoder layers between the blocks that run like them when frozen (:mod:`networks.efficiency.frozen_blocks`): the
         patch mergings, a LayerNorm and a ``4C -> 2C`` matrix on every stage's input."""
         return [stage.downsample for stage in self.backbone.layers if isinstance(stage.downsample, PatchMerging)]
 
@@ -159,7 +159,7 @@ class SwinUNETRNet(SwinUNETR):
 
     ``img_size`` is the training patch side (96 in MONAI's recipes); Med-Adapters size their FFT
     weights from the token depth it gives at each stage. ``memory_efficient_blocks`` (default) runs the
-    convolutional blocks as :mod:`networks.unet_blocks` does: same parameters and gradients, ~0.8 GiB
+    convolutional blocks as :mod:`networks.efficiency.unet_blocks` does: same parameters and gradients, ~0.8 GiB
     less kept at a 96^3 patch whatever the method; ``False`` keeps MONAI's own forward.
     """
 
@@ -241,11 +241,11 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
             narrowed; no recomputation), ``"float32"`` (as computed) or ``"auto"`` (the default: the
             network's ``frozen_activations_auto``, ``recompute`` for Swin-UNet and SwinUNETR, whose
             decoders dominate, ``bfloat16`` for ViT-B/16 + UPerNet, whose encoder does); see
-            :mod:`networks.memory`. No effect where nothing is frozen; VPT, whose prompts reach a Swin
+            :mod:`networks.efficiency.frozen_blocks`. No effect where nothing is frozen; VPT, whose prompts reach a Swin
             block's attention through state its hooks share, takes ``"bfloat16"`` for ``"recompute"``.
         frozen_precision: weights and compute of the frozen blocks: ``"auto"`` (bfloat16 where the
             hardware computes it natively, else float32), ``"bfloat16"`` or ``"float32"``
-            (:mod:`networks.memory`); float32 for methods that merge into frozen weights (LoRA).
+            (:mod:`networks.efficiency.frozen_blocks`); float32 for methods that merge into frozen weights (LoRA).
         network_options: constructor arguments of the network class.
     """
     from .pet import apply_method, get_method

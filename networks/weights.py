@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import adapt_input_conv, resample_abs_pos_embed, resize_rel_pos_bias_table
-from .swin import SwinTransformer
-from .vit import VisionTransformer
+from .backbones.layers import adapt_input_conv, resample_abs_pos_embed, resize_rel_pos_bias_table
+from .backbones.swin import SwinTransformer
+from .backbones.vit import VisionTransformer
 
 __all__ = [
     "LoadReport",

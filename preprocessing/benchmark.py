@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _worker(backend: str, raw: str, plan_path: str, output: str, case_id: str) -> None:
-    from ..networks.benchmark import current_rss_bytes, peak_rss_bytes
+    from ..networks.tools.benchmark import current_rss_bytes, peak_rss_bytes
 
     from .dataset import RawDataset
     from .planning import load_plan

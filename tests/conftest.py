@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# no process a test starts outlives it (Ctrl-C, failure, end of run)
+from .processes import _no_process_outlives_its_test, pytest_configure, pytest_sessionfinish  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__import__("os").environ.get("MEDTUNING_SHARED", REPO.parent / "shared"))
 
@@ -30,6 +33,12 @@ def shared_path(*parts: str) -> Path:
 def tuned_gradients(net: torch.nn.Module) -> torch.Tensor:
     """The gradients of all tuned parameters, flattened into one vector."""
     return torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+
+
+def assert_gradients_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float) -> None:
+    """Gradient vectors equal to ``rtol`` relative to the reference's scale: a sum formed in another order
+    differs by float32 rounding of its largest terms, which an element near zero shows as a large relative error."""
+    torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * reference.abs().max().item())
 
 
 def assert_same_function(ours, reference, x: torch.Tensor, our_params, reference_params) -> None:

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from medtuning.networks.benchmark import _network, _worker_command, build_parser, paired_ratios
-from medtuning.networks.unet_blocks import MemoryEfficientUnetResBlock
+from medtuning.networks.tools.benchmark import _network, _worker_command, build_parser, paired_ratios
+from medtuning.networks.efficiency.unet_blocks import MemoryEfficientUnetResBlock
 
 from .conftest import REPO
 
@@ -15,7 +15,7 @@ from .conftest import REPO
 @pytest.mark.slow
 def test_benchmark_reports_ratios(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "medtuning.networks.benchmark", "--models", "swin_unet", "--slices", "4", "--img-size", "64",
+        [sys.executable, "-m", "medtuning.networks.tools.benchmark", "--models", "swin_unet", "--slices", "4", "--img-size", "64",
          "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "b.json")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr

@@ -82,7 +82,7 @@ def test_tuned_only_export_layout(tuned_over_backbone, tmp_path):
     assert 'path: "models/vit_demo.safetensors"' in large
     for config in (root / "configs").glob("*.json"):
         text = config.read_text()
-        assert "medtuning." not in text.replace("medtuning.networks.summary", ""), config.name
+        assert "medtuning." not in text.replace("medtuning.networks.tools.summary", ""), config.name
     inference = json.loads((root / "configs" / "inference.json").read_text())
     assert demo_override(BRATS, "demo.json")["network_options"].items() <= inference["network_options"].items()
     assert inference["pretrained_sha256"] == file_sha256(backbone)

@@ -1,4 +1,4 @@
-"""Frozen Swin blocks with the hand-written input-gradient backward (networks.frozen_swin): the same outputs
+"""Frozen Swin blocks with the hand-written input-gradient backward (networks.efficiency.frozen_swin): the same outputs
 and input gradients as autograd, whatever the chunking, shift, stochastic depth and precision; only the
 input kept; which blocks of which methods take it."""
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import medtuning.networks.frozen_swin as frozen_swin
+import medtuning.networks.efficiency.frozen_swin as frozen_swin
 from medtuning.networks import build_network
-from medtuning.networks.frozen_swin import frozen_swin_block
-from medtuning.networks.swin import SwinTransformerBlock
+from medtuning.networks.backbones.swin import SwinTransformerBlock
+from medtuning.networks.efficiency.frozen_swin import (HandWrittenBackwardSwinBlock, frozen_swin_block,
+                                                       use_hand_written_backward, uses_hand_written_backward)
 
-from .conftest import TINY_SWIN, forward_keeping_saved, tuned_gradients
+from .conftest import TINY_SWIN, assert_gradients_close, forward_keeping_saved, tuned_gradients
 
 
 def frozen_block(shift: bool, drop_path: float = 0.0, precision: torch.dtype = torch.float32) -> nn.Module:
@@ -97,12 +98,12 @@ def test_keeps_only_its_input_and_the_drop_masks():
 
 def test_a_map_of_partial_windows_takes_the_autograd_path():
     block = frozen_block(True)
-    block.hand_written_backward = True
+    assert use_hand_written_backward(block)
     x = torch.randn(2, 10, 10, 24, requires_grad=True)
-    assert not block.uses_hand_written_backward(x)
-    assert block.uses_hand_written_backward(torch.randn(2, 8, 8, 24))
+    assert not uses_hand_written_backward(block, x)
+    assert uses_hand_written_backward(block, torch.randn(2, 8, 8, 24))
     with torch.no_grad():
-        assert not block.uses_hand_written_backward(torch.randn(2, 8, 8, 24))  # inference: the shared forward
+        assert not uses_hand_written_backward(block, torch.randn(2, 8, 8, 24))  # inference: the shared forward
     block(x).sum().backward()
     assert x.grad.shape == x.shape
 
@@ -117,10 +118,11 @@ def test_which_blocks_take_it(method, expected):
     net = build_network("swin_unet", method, **TINY_SWIN)
     encoder = [b for stage in net.backbone.layers for b in stage.blocks]
     decoder = [b for stage in net.decoder.layers_up[1:] for b in stage.blocks]
-    assert {b.hand_written_backward for b in encoder} == {expected}
-    assert not any(b.hand_written_backward for b in decoder)  # tuned in every method
+    assert {isinstance(b, HandWrittenBackwardSwinBlock) for b in encoder} == {expected}
+    assert not any(isinstance(b, HandWrittenBackwardSwinBlock) for b in decoder)  # tuned in every method
     narrowed = build_network("swin_unet", method, frozen_activations="bfloat16", **TINY_SWIN)
-    assert not any(b.hand_written_backward for stage in narrowed.backbone.layers for b in stage.blocks)
+    assert not any(isinstance(b, HandWrittenBackwardSwinBlock) for stage in narrowed.backbone.layers
+                   for b in stage.blocks)
 
 
 def test_med_tuning_gradients_equal_checkpointing_in_float32():
@@ -131,12 +133,12 @@ def test_med_tuning_gradients_equal_checkpointing_in_float32():
                             **dict(TINY_SWIN, drop_path_rate=0.3)).train()
         for stage in net.backbone.layers:
             for block in stage.blocks:
-                assert block.hand_written_backward
-                block.hand_written_backward = hand_written
+                assert isinstance(block, HandWrittenBackwardSwinBlock)
+                assert use_hand_written_backward(block, hand_written) is hand_written
         torch.manual_seed(1)
         net(torch.randn(1, 4, 8, 64, 64)).square().mean().backward()
         grads[hand_written] = tuned_gradients(net)
-    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert_gradients_close(grads[True], grads[False], rtol=1e-5)
 
 
 def test_frozen_patch_mergings_run_like_the_blocks():

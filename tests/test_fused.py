@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medtuning.networks.fused as fused
-from medtuning.networks.fused import expand_norm_classify
+import medtuning.networks.efficiency.fused_head as fused
+from medtuning.networks.efficiency.fused_head import expand_norm_classify
 
 
 def reference_expand_norm_classify(x: torch.Tensor, expand_weight: torch.Tensor, norm_weight: torch.Tensor,

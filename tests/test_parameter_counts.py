@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from medtuning.networks.summary import build_for_summary, parameter_summary
+from medtuning.networks.tools.summary import build_for_summary, parameter_summary
 
 from .conftest import REPO, shared_path
 
@@ -53,7 +53,7 @@ def test_swin_unet_reduction_ablation(reference, alpha):
 
 def test_summary_command_prints_the_counts(reference):
     out = subprocess.run(
-        [sys.executable, "-m", "medtuning.networks.summary", "--model", "vit_b16_upernet", "--method", "med_adapter",
+        [sys.executable, "-m", "medtuning.networks.tools.summary", "--model", "vit_b16_upernet", "--method", "med_adapter",
          "--in-channels", "4", "--img-size", "128", "--classes", "4", "--reduction", "6", "--json"],
         cwd=REPO, capture_output=True, text=True, check=True)
     summary = json.loads(out.stdout)
@@ -65,6 +65,6 @@ def test_summary_command_prints_the_counts(reference):
 
 
 def test_summary_command_rejects_reduction_for_other_methods():
-    out = subprocess.run([sys.executable, "-m", "medtuning.networks.summary", "--model", "swin_unet", "--method", "head",
+    out = subprocess.run([sys.executable, "-m", "medtuning.networks.tools.summary", "--model", "swin_unet", "--method", "head",
                           "--reduction", "4"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "--reduction applies to --method med_adapter" in out.stderr

@@ -11,15 +11,16 @@ import torch
 from medtuning.networks import build_network
 from medtuning.networks.pet import get_method, merge_lora, unmerge_lora
 from medtuning.networks.pet.layers import depthwise_conv3d
-from medtuning.networks.summary import build_for_summary, parameter_summary
+from medtuning.networks.tools.summary import build_for_summary, parameter_summary
 
-from .conftest import TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_same_function, shared_path, tuned_gradients
+from .conftest import (TINY_SWIN, TINY_SWINUNETR, TINY_VIT, assert_gradients_close, assert_same_function,
+                       shared_path, tuned_gradients)
 
 BASELINES = ["adapter", "adaptformer", "dvpt", "lora", "pro_tuning", "ssf", "st_adapter", "vpt_deep", "vpt_shallow"]
 SLICE_ONLY = {"st_adapter", "pro_tuning"}  # need a 2D backbone read slice by slice
 PROMPTS = {"vpt_shallow", "vpt_deep"}  # 2D backbones only
 NETWORKS = {"vit_b16_upernet": (TINY_VIT, (1, 4, 8, 32, 32)), "swin_unet": (TINY_SWIN, (1, 4, 8, 64, 64)),
-            "swinunetr": (TINY_SWINUNETR, (1, 1, 64, 64, 64))}
+            "swinunetr": (TINY_SWINUNETR, (1, 1, 32, 64, 64))}
 # methods whose fresh model computes exactly what the frozen backbone computes
 IDENTITY_AT_START = ["adapter", "adaptformer", "dvpt", "lora", "pro_tuning", "ssf", "st_adapter"]
 CASES = [(m, n) for m in BASELINES for n in NETWORKS
@@ -66,7 +67,7 @@ def test_recomputed_frozen_blocks_give_the_same_gradients(method, name):
         torch.manual_seed(1)
         net.train()(torch.randn(*shape)).square().mean().backward()
         grads[activations] = tuned_gradients(net)
-    torch.testing.assert_close(grads["recompute"], grads["float32"], rtol=1e-5, atol=1e-7)
+    assert_gradients_close(grads["recompute"], grads["float32"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("method,name", [c for c in CASES if c[0] in IDENTITY_AT_START])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medtuning.networks.layers import adapt_input_conv
-from medtuning.networks.swin import SwinTransformer
-from medtuning.networks.vit import VisionTransformer
+from medtuning.networks.backbones.layers import adapt_input_conv
+from medtuning.networks.backbones.swin import SwinTransformer
+from medtuning.networks.backbones.vit import VisionTransformer
 from medtuning.networks.weights import load_backbone_weights
 
 from .conftest import shared_path

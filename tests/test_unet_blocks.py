@@ -1,4 +1,4 @@
-"""networks.unet_blocks: MONAI's residual U-Net blocks keeping fewer activations, with MONAI's math."""
+"""networks.efficiency.unet_blocks: MONAI's residual U-Net blocks keeping fewer activations, with MONAI's math."""
 
 import copy
 
@@ -8,7 +8,7 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 
 from medtuning.networks.models import build_network
-from medtuning.networks.unet_blocks import (MemoryEfficientUnetrUpBlock, MemoryEfficientUnetResBlock,
+from medtuning.networks.efficiency.unet_blocks import (MemoryEfficientUnetrUpBlock, MemoryEfficientUnetResBlock,
                                   use_memory_efficient_blocks)
 
 from .conftest import TINY_SWINUNETR, forward_keeping_saved

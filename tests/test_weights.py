@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medtuning.networks.layers import resize_rel_pos_bias_table
+from medtuning.networks.backbones.layers import resize_rel_pos_bias_table
 from medtuning.networks.models import SwinUNETRNet, SwinUNet
-from medtuning.networks.swin import SwinTransformer
-from medtuning.networks.vit import VisionTransformer
+from medtuning.networks.backbones.swin import SwinTransformer
+from medtuning.networks.backbones.vit import VisionTransformer
 from medtuning.networks.weights import WeightLoadError, load_backbone_weights
 
 from .conftest import shared_path

@@ -9,7 +9,7 @@ says which parameters are tuned. Networks describe themselves through two method
   geometry an inserted module needs (:class:`AdapterSite`).
 
 After :func:`apply_method`, ``model.pet`` (a :class:`PETState`) records the method, its config, the
-frozen and inserted parameter-name prefixes, which :mod:`networks.summary` and
+frozen and inserted parameter-name prefixes, which :mod:`networks.tools.summary` and
 :mod:`networks.checkpoint` read.
 """
 
@@ -65,9 +65,9 @@ class PETMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     loads_pretrained: ClassVar[bool] = True  # False for training from scratch
-    # frozen blocks may hold bfloat16 weights (networks.memory); not for a method that merges into them
+    # frozen blocks may hold bfloat16 weights (networks.efficiency.frozen_blocks); not for a method that merges into them
     bfloat16_frozen_blocks: ClassVar[bool] = True
-    # frozen blocks may be run again in the backward pass (networks.memory); not where the method's hooks
+    # frozen blocks may be run again in the backward pass (networks.efficiency.frozen_blocks); not where the method's hooks
     # inside a block pass state from one hook to the next, which a recomputation would read stale
     recomputable_frozen_blocks: ClassVar[bool] = True
 

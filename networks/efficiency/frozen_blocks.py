@@ -20,7 +20,7 @@ to its input. Two things follow from it being frozen:
   pass reads them (no recomputation, more memory); ``"float32"`` keeps them as computed. What the
   recomputation costs depends on the network: a few per cent of Swin-UNet's step, whose decoder
   dominates, ~30 % of ViT-B/16 + UPerNet's, so the default (``"auto"``) lets each network choose.
-  Frozen Swin blocks do their recomputation and backward pass by hand (:mod:`networks.frozen_swin`).
+  Frozen Swin blocks do their recomputation and backward pass by hand (:mod:`networks.efficiency.frozen_swin`).
   Tuned modules keep exact saved tensors (Med-Adapters recompute themselves,
   :mod:`networks.pet.med_adapter`).
 """
@@ -36,6 +36,8 @@ from torch import nn
 # The generator behind torch's hook-driven activation checkpointing (torch.distributed._composable's
 # ``checkpoint``), used the same way: started in a forward pre-hook, finished in a forward hook.
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator, noop_context_fn
+
+from .frozen_swin import use_hand_written_backward, uses_hand_written_backward
 
 __all__ = ["configure_frozen_blocks", "RecomputeRecipe", "default_device_type", "native_bfloat16",
            "FROZEN_PRECISIONS", "FROZEN_ACTIVATIONS", "MIN_COMPRESSED_NUMEL", "check_frozen_options"]
@@ -92,12 +94,6 @@ def _own_inputs(module: nn.Module, args: tuple) -> tuple[Callable, tuple]:
     return module.forward, args
 
 
-def _own_backward(module: nn.Module, x) -> bool:
-    # a block that keeps only its input and forms its input gradient itself (networks.frozen_swin)
-    uses = getattr(module, "uses_hand_written_backward", None)
-    return uses is not None and isinstance(x, torch.Tensor) and uses(x)
-
-
 @contextlib.contextmanager
 def _recomputed(forward, *args):
     # fn, preserve_rng_state (drop path), context_fn, determinism_check, debug, early_stop, *args
@@ -123,7 +119,7 @@ class _FrozenBlockScope:
             dtype = x.dtype
         if torch.is_grad_enabled() and self.activations == "bfloat16":
             contexts.append(torch.autograd.graph.saved_tensors_hooks(_pack, _unpack))
-        if torch.is_grad_enabled() and self.activations == "recompute" and not _own_backward(module, x):
+        if torch.is_grad_enabled() and self.activations == "recompute" and not uses_hand_written_backward(module, x):
             # entered inside the autocast above, which the recomputation restores; it calls
             # ``module.forward`` (no hooks), so neither this scope nor any adapter runs twice
             forward, inputs = self.recipe(module, args)
@@ -158,10 +154,9 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
     ``recomputable=False`` (a method whose hooks inside a block share state that a recomputation would
     read stale) keeps ``"bfloat16"`` where ``"recompute"`` was asked for or chosen.
 
-    Where ``"recompute"`` applies, a block that can form its input gradient by hand says so with
-    ``use_hand_written_backward()`` and ``uses_hand_written_backward(x)`` (a frozen Swin block of
-    :mod:`networks.swin` with nothing hooked inside it, :mod:`networks.frozen_swin`: the same gradient,
-    recomputed more cheaply); other blocks are checkpointed. Either way a block keeps only its forward's inputs for the
+    Where ``"recompute"`` applies, a frozen Swin block with nothing hooked inside it forms its input gradient
+    by hand (:mod:`networks.efficiency.frozen_swin`: the same gradient, recomputed more cheaply); other blocks
+    are checkpointed. Either way a block keeps only its forward's inputs for the
     backward pass. A network whose blocks are also handed something large that is cheap to build again
     (SwinUNETR's attention masks) says so with a ``recompute_recipe(block, args) -> (forward, inputs)``
     method (:data:`RecomputeRecipe`): only ``inputs`` are kept and ``forward(*inputs)`` must compute what
@@ -184,8 +179,8 @@ def configure_frozen_blocks(model: nn.Module, activations: str = "auto", precisi
             for layer in block.modules():
                 if isinstance(layer, MATRIX_LAYERS):
                     layer.to(torch.bfloat16)
-        if activations == "recompute" and hasattr(block, "use_hand_written_backward"):
-            block.use_hand_written_backward()  # where it can: the block checks
+        if activations == "recompute":
+            use_hand_written_backward(block)  # where it computes what the block does
         scope = _FrozenBlockScope(activations, bfloat16, getattr(model, "recompute_recipe", None))
         block.register_forward_pre_hook(scope.enter)
         block.register_forward_hook(scope.leave, prepend=True, always_call=True)

@@ -34,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
     PyTorch's fused kernel, except for bfloat16/float16 on the CPU: there its flash kernel is 4-8x slower
     than plain batched matrix products for the short sequences of ViT slices and Swin windows (measured,
-    torch 2.13), and frozen backbones run in bfloat16 (:mod:`networks.memory`).
+    torch 2.13), and frozen backbones run in bfloat16 (:mod:`networks.efficiency.frozen_blocks`).
     """
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -178,20 +178,3 @@ def resize_rel_pos_bias_table(table: torch.Tensor, new_window: Sequence[int]) ->
         rows = np.stack([np.interp(dx, xs, values[r, :, h]) for r in range(side)])  # (side, dst_w)
         out[:, :, h] = np.stack([np.interp(dy, ys, rows[:, c]) for c in range(dst[1])], axis=1)
     return torch.from_numpy(out.reshape(dst[0] * dst[1], heads)).to(table.dtype)
-
-
-class _NoBackward:
-    """Stands in for an autograd context where no backward pass will follow: whatever it is told to keep is dropped."""
-
-    needs_input_grad = ()
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
-
-
-def apply_function(function: type[torch.autograd.Function], *args):
-    """``function.apply(*args)``, except while tracing (TorchScript export): a traced graph cannot hold a Python
-    autograd function, so its forward runs as plain operations, which is what inference needs."""
-    if torch.jit.is_tracing():
-        return function.forward(_NoBackward(), *args)
-    return function.apply(*args)

@@ -7,8 +7,8 @@ Prints ratios; ``--json`` writes every figure. The step-time ratio is the median
 (each Med-Tuning step over the full step run next to it), printed with their range: on a shared
 machine single steps vary by tens of per cent.
 
-    python -m medtuning.networks.benchmark                      # CPU: reduced depth, says so
-    python -m medtuning.networks.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
+    python -m medtuning.networks.tools.benchmark                      # CPU: reduced depth, says so
+    python -m medtuning.networks.tools.benchmark --device cuda --amp  # the paper's 128^3 setting on a GPU
 
 Peak memory is ``torch.accelerator.max_memory_allocated`` on a GPU and the growth of the process's peak
 resident memory over its size after the imports on the CPU (weights, gradients, optimizer state,
@@ -17,7 +17,7 @@ step times come from workers with the allocator's defaults.
 
 Med-Tuning is measured as it is configured by default: frozen blocks in bfloat16 where the hardware
 computes it natively (``--frozen-precision``), recomputed in the backward pass or kept in bfloat16 as
-each network chooses (``--frozen-activations auto``; :mod:`networks.memory`), Med-Adapters recomputed.
+each network chooses (``--frozen-activations auto``; :mod:`networks.efficiency.frozen_blocks`), Med-Adapters recomputed.
 The last column gives the adapters' inference cost with the frozen blocks in float32, like the bare
 network.
 """
@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from .memory import FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type, native_bfloat16
-from .models import build_network
+from ..efficiency.frozen_blocks import FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type, native_bfloat16
+from ..models import build_network
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
 DEFAULT_MODELS = ("vit_b16_upernet", "swin_unet")
@@ -195,12 +195,12 @@ def inference_times(args: argparse.Namespace, model: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medtuning.networks.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medtuning.networks.tools.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--feature-size", type=int, default=48, help="SwinUNETR width (MONAI's recipes: 48)")
     parser.add_argument("--monai-blocks", action="store_true",
                         help="SwinUNETR's convolutional blocks with MONAI's own forward instead of "
-                             "networks.unet_blocks' (both methods; for comparison)")
+                             "networks.efficiency.unet_blocks' (both methods; for comparison)")
     parser.add_argument("--device", default=default_device_type())
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slices", type=int, default=None, help="slices per volume (default: 128 on GPU, 32 on CPU)")
@@ -211,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--frozen-precision", default="auto", choices=list(FROZEN_PRECISIONS),
-                        help="compute of Med-Tuning's frozen blocks (networks.memory); auto: bfloat16 where native")
+                        help="compute of Med-Tuning's frozen blocks (networks.efficiency.frozen_blocks); auto: bfloat16 where native")
     parser.add_argument("--frozen-activations", default="auto", choices=list(FROZEN_ACTIVATIONS),
-                        help="what Med-Tuning's frozen blocks keep for the backward pass (networks.memory); "
+                        help="what Med-Tuning's frozen blocks keep for the backward pass (networks.efficiency.frozen_blocks); "
                              "auto: each network's choice")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .context import SliceContext
+from ..context import SliceContext
 from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear, resample_abs_pos_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block"]

@@ -34,7 +34,7 @@ from monai.networks.blocks.unetr_block import UnetrUpBlock
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import apply_function
+from .autograd import apply_function
 
 __all__ = ["MemoryEfficientUnetResBlock", "MemoryEfficientUnetrUpBlock", "use_memory_efficient_blocks",
            "instance_norm_leaky_relu", "residual_instance_norm_leaky_relu"]

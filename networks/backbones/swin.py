@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen_swin import frozen_swin_block, supports_frozen_swin_block, takes_input
 from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear, relative_position_index
 
 __all__ = ["SwinTransformer", "SwinTransformerBlock", "PatchMerging", "window_partition", "window_reverse"]
@@ -92,9 +91,6 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self._masks: dict[tuple, torch.Tensor] = {}
-        # set by networks.memory on a frozen block: it then runs as networks.frozen_swin computes it, with a
-        # hand-written backward pass that forms its input gradient only
-        self.hand_written_backward = False
 
     def attn_mask(self, hp: int, wp: int, device: torch.device) -> torch.Tensor | None:
         """Mask that keeps shifted windows from attending across the wrap-around seam."""
@@ -129,20 +125,7 @@ class SwinTransformerBlock(nn.Module):
             x = torch.roll(x, shifts=ss, dims=(1, 2))
         return x
 
-    def use_hand_written_backward(self) -> bool:
-        """Run as :func:`~networks.frozen_swin.frozen_swin_block` from now on, where that computes what this
-        block does (frozen, nothing hooked inside; :mod:`networks.memory` asks); returns whether it will."""
-        self.hand_written_backward = supports_frozen_swin_block(self)
-        return self.hand_written_backward
-
-    def uses_hand_written_backward(self, x: torch.Tensor) -> bool:
-        """Whether this call runs as :func:`~networks.frozen_swin.frozen_swin_block`: a frozen block, whole
-        windows, and a backward pass to come (inference keeps the forward every method shares)."""
-        return self.hand_written_backward and torch.is_grad_enabled() and takes_input(self, x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_hand_written_backward(x):
-            return frozen_swin_block(self, x)
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import apply_function
+from .autograd import apply_function
 
 __all__ = ["expand_norm_classify", "CHUNK_ELEMENTS"]
 

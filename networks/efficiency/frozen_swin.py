@@ -2,7 +2,7 @@
 
 Med-Tuning trains the Med-Adapters between frozen Swin blocks, so the backward pass must go through
 every frozen block, but only for the gradient with respect to its input: no weight gradient and no
-optimizer state. Activation checkpointing (:mod:`networks.memory`) keeps just the block's input and
+optimizer state. Activation checkpointing (:mod:`networks.efficiency.frozen_blocks`) keeps just the block's input and
 runs the block again through autograd in the backward pass. Written out by hand, the same thing costs
 less (a frozen Swin-UNet block's forward and backward: 15-25 % at the first stage, where the
 intermediates are largest, a few per cent at the last, 2-core CPU, bfloat16 matrices):
@@ -21,10 +21,10 @@ What a block computes at a token depends only on the (shifted) window holding it
 chunk of whole windows at a time, which bounds the recomputation's transient memory (chunk size:
 2^16..2^24 elements measured, the largest fastest, per-operation overhead being what small chunks add).
 
-Matrices run in their own dtype (bfloat16 once :func:`networks.memory.configure_frozen_blocks` has
+Matrices run in their own dtype (bfloat16 once :func:`networks.efficiency.frozen_blocks.configure_frozen_blocks` has
 converted them where the hardware computes it natively), LayerNorm, the softmax and the residual stream
 in float32, like autocast's placement; the output has the input's dtype. Stochastic depth draws its
-per-sample masks as :class:`~networks.layers.DropPath` does, so a seeded run drops the same samples as
+per-sample masks as :class:`~networks.backbones.layers.DropPath` does, so a seeded run drops the same samples as
 the autograd path. ``tests/test_frozen_swin.py`` checks outputs and input gradients against autograd.
 """
 
@@ -37,7 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["frozen_swin_block", "supports_frozen_swin_block", "takes_input", "window_order", "CHUNK_ELEMENTS"]
+from ..backbones.swin import SwinTransformerBlock, window_partition
+
+__all__ = ["HandWrittenBackwardSwinBlock", "use_hand_written_backward", "uses_hand_written_backward", "frozen_swin_block",
+           "supports_frozen_swin_block", "takes_input", "window_order", "CHUNK_ELEMENTS"]
 
 # token rows x channels per chunk (a 32x32-token, 96-channel first stage of 32 slices: 2 chunks on a CPU)
 CHUNK_ELEMENTS = {"cpu": 1 << 21}
@@ -50,8 +53,6 @@ def window_order(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]
     """Token order of the shifted windows of ``batch`` maps of ``h x w`` tokens:
     ``tokens[order]`` is ``window_partition(roll(tokens, -shift))`` flattened (map by map, window by window,
     row by row inside a window)."""
-    from .swin import window_partition  # networks.swin dispatches its frozen blocks to this module
-
     index = torch.arange(h * w, device=device).view(1, h, w, 1)
     if any(shift):
         index = torch.roll(index, shifts=(-shift[0], -shift[1]), dims=(1, 2))
@@ -231,7 +232,7 @@ class _FrozenSwinBlock(torch.autograd.Function):
 
 
 def frozen_swin_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for a frozen :class:`~networks.swin.SwinTransformerBlock` (see
+    """``block(x)`` for a frozen :class:`~networks.backbones.swin.SwinTransformerBlock` (see
     :func:`supports_frozen_swin_block` and :func:`takes_input`), window chunk by window chunk, keeping only
     ``x`` (and the stochastic-depth masks) for a hand-written backward pass. ``x``: ``(B, H, W, C)``."""
     dtype = block.attn.qkv.weight.dtype
@@ -239,3 +240,32 @@ def frozen_swin_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         keep1 = _keep_mask(block.drop_path1, x, dtype)
         keep2 = _keep_mask(block.drop_path2, x, dtype)
         return _FrozenSwinBlock.apply(x, block, keep1, keep2)
+
+
+class HandWrittenBackwardSwinBlock(SwinTransformerBlock):
+    """A frozen :class:`~networks.backbones.swin.SwinTransformerBlock` that trains through
+    :func:`frozen_swin_block`; the same parameters and state dict (:func:`use_hand_written_backward` swaps a
+    block's class). Inference, and inputs of partial windows, keep the forward every method shares."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_hand_written_backward(self, x):
+            return frozen_swin_block(self, x)
+        return super().forward(x)
+
+
+def use_hand_written_backward(block: nn.Module, enabled: bool = True) -> bool:
+    """Make a Swin block train through :func:`frozen_swin_block` where that computes what the block does
+    (:func:`supports_frozen_swin_block`), or with ``enabled=False`` through autograd again; returns whether it
+    now uses the hand-written backward. Anything but a Swin block is left alone."""
+    if not isinstance(block, SwinTransformerBlock):
+        return False
+    block.__class__ = (HandWrittenBackwardSwinBlock if enabled and supports_frozen_swin_block(block)
+                       else SwinTransformerBlock)
+    return isinstance(block, HandWrittenBackwardSwinBlock)
+
+
+def uses_hand_written_backward(block: nn.Module, x) -> bool:
+    """Whether ``block(x)`` runs as :func:`frozen_swin_block`: a block set up by
+    :func:`use_hand_written_backward`, whole windows, and a backward pass to come."""
+    return (isinstance(block, HandWrittenBackwardSwinBlock) and torch.is_grad_enabled()
+            and isinstance(x, torch.Tensor) and takes_input(block, x))

@@ -2,7 +2,7 @@
 
 Command line (one JSON object with integer counts when ``--json``)::
 
-    python -m medtuning.networks.summary --model vit_b16_upernet --method med_adapter --in-channels 4 \\
+    python -m medtuning.networks.tools.summary --model vit_b16_upernet --method med_adapter --in-channels 4 \\
         --img-size 128 --classes 4 [--reduction 6] --json
 """
 
@@ -15,8 +15,8 @@ import sys
 import torch
 from torch import nn
 
-from .models import NETWORKS, build_network
-from .pet import available_methods
+from ..models import NETWORKS, build_network
+from ..pet import available_methods
 
 __all__ = ["parameter_summary", "build_for_summary", "main"]
 
@@ -57,7 +57,7 @@ def build_for_summary(model: str, method: str, **options) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medtuning.networks.summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medtuning.networks.tools.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
     parser.add_argument("--method", default="med_adapter", choices=available_methods())
     parser.add_argument("--in-channels", type=int, default=4)

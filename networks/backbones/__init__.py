@@ -1,0 +1,1 @@
+"""Backbones pretrained on natural images, written with timm's parameter names: ViT and Swin, and their layers."""
