@@ -143,6 +143,23 @@ def write_outputs(results: list[dict], work: Path) -> dict[str, Path]:
     return paths
 
 
+def publish(paths: dict[str, Path], page: Path, argv: list[str]) -> None:
+    """study.md's table (and tradeoff.png beside the page) as the page's section for this study."""
+    import shutil
+
+    from ..networks.tools.report import command_line, write_section
+
+    command = command_line("medtuning-study", argv, ("--markdown", "--work"))
+    lines = paths["md"].read_text().splitlines()
+    title, body = lines[0].lstrip("# "), "\n".join(lines[1:])
+    figure = page.parent / f"study_{_key({'command': command})[:8]}.png"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(figure) as tmp:
+        shutil.copyfile(paths["png"], tmp)
+    body = f"![tuned parameters vs mean Dice]({figure.name})\n\n{body}"
+    write_section(page, f"study {command}", title, command, body, page_title="The study")
+
+
 def _plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -190,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--pretrained", default=None, help="local backbone weights (.safetensors/.pth/.npz)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", metavar="PAGE", help="also write the table and plot into this Markdown page's "
+                                                           "section for this study (e.g. docs/study.md)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: train one method here
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -237,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_outputs(results, work)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+        if args.markdown:
+            publish(paths, Path(args.markdown), argv if argv is not None else sys.argv[1:])
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, nargs=2, default=(40, 60))
     parser.add_argument("--workdir")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", metavar="PAGE",
+                        help="write the table into this Markdown page's section for this setting "
+                             "(e.g. docs/benchmarks/preprocessing.md)")
     parser.add_argument("--worker", nargs=5, metavar=("BACKEND", "RAW", "PLAN", "OUT", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -99,7 +102,25 @@ def main(argv=None) -> int:
         print(f"  {backend:5s}: {s['cases_per_minute']:7.2f} cases/min, peak memory {s['peak_mb']:8.1f} MB")
     print(f"  fast/exact: throughput x{summary['throughput_ratio']:.2f} (target >= 5), "
           f"peak memory x{summary['memory_ratio']:.2f} (target <= 0.5)")
+    if args.markdown:
+        write_markdown(args, summary, argv if argv is not None else sys.argv[1:])
     return 0
+
+
+def write_markdown(args: argparse.Namespace, summary: dict, argv: list[str]) -> None:
+    from ..networks.tools.report import command_line, markdown_table, write_section
+
+    rows = [[backend, f"{summary[backend]['cases_per_minute']:.1f}", f"{summary[backend]['peak_mb']:.0f} MB"]
+            for backend in ("exact", "fast")]
+    rows.append(["fast / exact", f"**{summary['throughput_ratio']:.2f}x** (target >= 5x)",
+                 f"**{summary['memory_ratio']:.2f}x** (target <= 0.5x)"])
+    setting = (f"KiTS-like CT, {args.cases} cases of {args.size}x{args.size}, {args.slices[0]}-{args.slices[1]} slices "
+               f"5 mm apart, in-plane 0.70-0.86 mm")
+    write_section(args.markdown, f"preprocessing {args.cases} {args.size} {args.slices[0]}-{args.slices[1]}", setting,
+                  command_line("python -m medtuning.preprocessing.benchmark", argv),
+                  markdown_table(["back-end", "cases / min", "peak memory (growth per case)"], rows) + "\n\n"
+                  "Each case runs once per back-end in a fresh process, the back-ends alternating.",
+                  page_title="Benchmarks: preprocessing")
 
 
 if __name__ == "__main__":

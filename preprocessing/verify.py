@@ -76,8 +76,9 @@ def _compare(path: Path, reference_path: Path, volume: _Volume, reference: _Volu
 def verify_dataset(root: str | Path) -> list[Problem]:
     try:
         dataset = RawDataset.open(root)
-    except DataError as error:
-        return [Problem("error", str(root), str(error))]
+    except DataError as error:  # its message already starts with the file it names
+        message = str(error)
+        return [Problem("error", str(root), message.removeprefix(f"{root}: "))]
     problems: list[Problem] = []
     declared = set(dataset.labels.values())
     cases = dataset.training_cases()

@@ -36,7 +36,9 @@ import time
 import torch
 
 from ..efficiency.frozen_blocks import FROZEN_ACTIVATIONS, FROZEN_PRECISIONS, default_device_type, native_bfloat16
+from ...preprocessing.io import atomic_path
 from ..models import build_network
+from .report import command_line, markdown_table, write_section
 
 MODELS = ("vit_b16_upernet", "swin_unet", "swinunetr")
 DEFAULT_MODELS = ("vit_b16_upernet", "swin_unet")
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what Med-Tuning's frozen blocks keep for the backward pass (networks.efficiency.frozen_blocks); "
                              "auto: each network's choice")
     parser.add_argument("--json", default=None, help="write all figures to this file")
+    parser.add_argument("--markdown", default=None, metavar="PAGE",
+                        help="write the table into this Markdown page's section for this setting (e.g. "
+                             "docs/benchmarks/networks.md), replacing that section's earlier figures")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-method", help=argparse.SUPPRESS)
     return parser
@@ -269,9 +274,41 @@ def main(argv: list[str] | None = None) -> int:
           f"{'yes' if native_bfloat16(torch.device(args.device).type) else 'no'} here); last column: inference "
           f"ratio with them in float32, the adapters' own cost")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+    if args.markdown:
+        write_markdown(args, results, argv if argv is not None else sys.argv[1:])
     return 0
+
+
+MODEL_NAMES = {"vit_b16_upernet": "ViT-B/16 + UPerNet", "swin_unet": "Swin-UNet", "swinunetr": "SwinUNETR"}
+
+
+def write_markdown(args: argparse.Namespace, results: dict, argv: list[str]) -> None:
+    """The run's table as its own section of a documentation page (:mod:`networks.tools.report`)."""
+    rows = []
+    for model, r in results["models"].items():
+        full, med = r["full"], r["med_adapter"]
+        low, high = r["step_time_ratio_range"]
+        rows.append([MODEL_NAMES.get(model, model), f"{full['peak_memory_bytes'] / 2**30:.2f} GiB",
+                     f"{med['peak_memory_bytes'] / 2**30:.2f} GiB", f"**{r['memory_ratio']:.2f}**",
+                     f"{full['step_time_s']:.2f} s", f"{med['step_time_s']:.2f} s",
+                     f"**{r['step_time_ratio']:.2f}** ({low:.2f}-{high:.2f})", f"{r['inference_bare_s']:.2f} s",
+                     f"{r['inference_med_adapter_s']:.2f} s", f"**{r['inference_ratio']:.2f}**",
+                     f"{r['inference_ratio_frozen_float32']:.2f}"])
+    header = ["model", "full memory", "Med-Tuning memory", "ratio", "full step", "Med-Tuning step", "ratio (range)",
+              "bare inference", "Med-Tuning inference", "ratio", "ratio, frozen blocks in float32"]
+    volume = f"{args.in_channels}x{args.slices}x{args.img_size}x{args.img_size}"
+    title = (f"{', '.join(MODEL_NAMES.get(m, m) for m in args.models)}: batch {args.batch}, volume {volume}"
+             f"{', bfloat16 autocast' if args.amp else ''}{', MONAI blocks' if args.monai_blocks else ''}, {args.device}")
+    key = (f"networks {'+'.join(args.models)} {args.batch}x{volume} amp={args.amp} fp={args.frozen_precision} "
+           f"fa={args.frozen_activations} monai_blocks={args.monai_blocks} feature={args.feature_size} {args.device}")
+    notes = (f"{args.steps} paired steps after {args.warmup} warm-up. Targets: memory <= {TARGETS['memory']}x full, "
+             f"step time <= {TARGETS['step_time']}x full, inference <= {TARGETS['inference']}x bare. Frozen blocks: "
+             f"precision {args.frozen_precision}, activations {args.frozen_activations} (bfloat16 native here: "
+             f"{'yes' if native_bfloat16(torch.device(args.device).type) else 'no'}).")
+    write_section(args.markdown, key, title, command_line("medtuning-benchmark", argv),
+                  markdown_table(header, rows) + "\n\n" + notes, page_title="Benchmarks: full fine-tuning vs Med-Tuning")
 
 
 if __name__ == "__main__":
