@@ -27,8 +27,14 @@ def test_round_trip_over_a_separately_loaded_backbone(tmp_path, name, options, s
     net(torch.randn(*shape))  # BatchNorm statistics move; they must travel with the tuned state
     sizes = save_tuned(net, tmp_path / "tuned.safetensors")
     assert sizes["tuned_file_bytes"] == (tmp_path / "tuned.safetensors").stat().st_size
+    # a network given only the frozen parts (what a pretrained file provides), every tuned value different
     fresh = trained(name, options, seed=1)
-    fresh.backbone.load_state_dict(net.backbone.state_dict())  # "pretrained" backbone loaded on its own
+    frozen = tuple(f"{prefix}." for prefix in net.pet.frozen)
+    fresh.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith(frozen)}, strict=False)
+    tuned_backbone = [k for k in tuned_state_dict(net) if k.startswith("backbone.")]
+    assert tuned_backbone, "the backbone's tuned parts (position embedding, final norm) must travel too"
+    assert all(not torch.equal(fresh.state_dict()[k], net.state_dict()[k]) for k in tuned_backbone
+               if net.state_dict()[k].is_floating_point())
     meta = load_tuned(fresh, tmp_path / "tuned.safetensors")
     assert meta["method"] == "med_adapter" and meta["config"]["reduction"] == 6
     x = torch.randn(*shape)

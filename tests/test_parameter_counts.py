@@ -68,3 +68,35 @@ def test_summary_command_rejects_reduction_for_other_methods():
     out = subprocess.run([sys.executable, "-m", "medtuning.networks.tools.summary", "--model", "swin_unet", "--method", "head",
                           "--reduction", "4"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "--reduction applies to --method med_adapter" in out.stderr
+
+
+# tuned / inserted parameters in the paper setting, exact: the integers docs/networks.md prints, so a method whose
+# shapes drift by a few parameters (a bias, a prompt) is caught, not only one that moves the paper's 0.001 M figure
+EXACT = {
+    "vit_b16_upernet": {
+        "full": (100_849_156, 0), "head": (15_007_492, 0), "scratch": (100_849_156, 0),
+        "vpt_shallow": (15_015_172, 7_680), "vpt_deep": (15_099_652, 92_160), "adapter": (18_567_172, 3_559_680),
+        "adaptformer": (16_197_124, 1_189_632), "pro_tuning": (19_812_100, 4_804_608),
+        "st_adapter": (22_117_636, 7_110_144), "med_adapter": (17_853_188, 2_845_696), "lora": (15_302_404, 294_912),
+        "ssf": (15_211_780, 204_288), "dvpt": (15_610_756, 603_264)},
+    "swin_unet": {
+        "full": (27_154_116, 0), "head": (6_751_530, 0), "scratch": (27_154_116, 0),
+        "vpt_shallow": (6_752_490, 960), "vpt_deep": (6_780_330, 28_800), "adapter": (7_541_370, 789_840),
+        "adaptformer": (7_123_562, 372_032), "pro_tuning": (8_358_570, 1_607_040),
+        "st_adapter": (8_328_330, 1_576_800), "med_adapter": (7_489_098, 737_568), "lora": (6_843_690, 92_160),
+        "ssf": (6_823_338, 71_808), "dvpt": (6_941_546, 190_016)},
+}
+SWIN_REDUCTION = {2: (10_064_138, 3_312_608), 4: (7_994_138, 1_242_608), 6: (7_489_098, 737_568),
+                  8: (7_271_258, 519_728)}
+
+
+@pytest.mark.parametrize("model,method", [(m, k) for m, methods in EXACT.items() for k in methods])
+def test_every_method_has_its_exact_count(model, method):
+    summary = counts(model, method)
+    assert (summary["tuned"], summary["inserted"]) == EXACT[model][method]
+
+
+@pytest.mark.parametrize("alpha", sorted(SWIN_REDUCTION))
+def test_swin_unet_reduction_exact(alpha):
+    summary = counts("swin_unet", "med_adapter", reduction=alpha)
+    assert (summary["tuned"], summary["inserted"]) == SWIN_REDUCTION[alpha]

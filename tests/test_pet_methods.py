@@ -141,3 +141,39 @@ def test_depthwise_conv3d_equals_the_3d_convolution(kernel, padding, channels_la
     volume = volume if channels_last else volume.contiguous()
     params = list(conv.parameters())
     assert_same_function(lambda v: depthwise_conv3d(v, conv), conv, volume, params, params)
+
+
+def _randomised(net: torch.nn.Module) -> torch.nn.Module:
+    """Tuned parameters away from their identity-at-start values, so every term of a formula shows."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return net.eval()
+
+
+def test_lora_adds_scaled_low_rank_updates_to_query_and_value_only():
+    # the published formula, written out here: qkv(x) + (alpha / rank) * [B_q A_q x, 0, B_v A_v x]
+    rank, alpha = 4, 16.0
+    net = _randomised(build_network("vit_b16_upernet", "lora", method_options={"rank": rank, "alpha": alpha},
+                                    frozen_precision="float32", **TINY_VIT))
+    qkv, lora = net.backbone.blocks[1].attn.qkv, net.lora[1]
+    x = torch.randn(2, 17, TINY_VIT["embed_dim"])
+    low_rank = {part: x @ getattr(lora, f"a_{part}").weight.T @ getattr(lora, f"b_{part}").weight.T for part in "qv"}
+    expected = torch.nn.functional.linear(x, qkv.weight, qkv.bias) + torch.cat(
+        [low_rank["q"], torch.zeros_like(low_rank["q"]), low_rank["v"]], dim=-1) * (alpha / rank)
+    with torch.no_grad():
+        torch.testing.assert_close(qkv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptformer_adds_a_scaled_relu_bottleneck_of_the_residual_stream_to_the_mlp():
+    # AdaptFormer (Chen et al. 2022), eq. 2-3: x' = x + attn(norm1(x)); out = x' + mlp(norm2(x')) + s * up(relu(down(x')))
+    net = _randomised(build_network("vit_b16_upernet", "adaptformer", frozen_precision="float32", **TINY_VIT))
+    block, branch = net.backbone.blocks[2], net.adaptformer[2]
+    x = torch.randn(2, 17, TINY_VIT["embed_dim"])
+    with torch.no_grad():
+        # the frozen sub-layers called without their hooks: .forward, not __call__
+        mid = x + block.attn.forward(block.norm1.forward(x))
+        expected = mid + block.mlp.forward(block.norm2.forward(mid)) + 0.1 * branch.up(torch.relu(branch.down(mid)))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)

@@ -53,20 +53,27 @@ def test_exact_matches_nnunet(name):
     assert props["shape_before_cropping"] == spec["shape_before_cropping_zyx"]
     assert props["shape_after_cropping_and_before_resampling"] == spec["shape_after_cropping_zyx"]
     assert list(out.shape) == spec["output_shape_czyx"]
-    assert np.abs(out - reference["data"]).max() <= 1e-4
+    np.testing.assert_array_equal(out, reference["data"])  # bit for bit, as documented
     np.testing.assert_array_equal(out_seg, reference["seg"])
     assert sorted(np.unique(out_seg).tolist()) == spec["seg_values"]
+
+
+# mean |fast - nnU-Net| of the normalised image data (measured 0.101 and 0.012; docs/preprocessing.md says why the
+# MRI-like fixture differs more); nearest-neighbour instead of cubic in-plane interpolation gives 0.36 on it
+FAST_DATA_TOLERANCE = {"brats_like": 0.12, "ct_aniso": 0.015}
 
 
 @pytest.mark.parametrize("name", ["brats_like", "ct_aniso"])
 def test_fast_labels_agree_with_exact_on_fixtures(name):
     data, seg, geometry, plan, spec, reference = fixture_case(name)
-    _, fast_seg, _ = preprocess_arrays(data, seg, geometry.spacing, plan, backend="fast", foreground_classes=[1])
+    fast, fast_seg, _ = preprocess_arrays(data, seg, geometry.spacing, plan, backend="fast", foreground_classes=[1])
+    assert fast.shape == reference["data"].shape
+    assert np.abs(fast - reference["data"]).mean() <= FAST_DATA_TOLERANCE[name]
     for value in spec["seg_values"]:
         assert dice(fast_seg == value, reference["seg"] == value) >= 0.99, value
     # the input arrays are not modified by default
     again, _, _ = preprocess_arrays(data, seg, geometry.spacing, plan, backend="exact", foreground_classes=[1])
-    assert np.abs(again - reference["data"]).max() <= 1e-4
+    np.testing.assert_array_equal(again, reference["data"])
 
 
 def _blobs(rng, shape, values=(1, 2, 3)) -> np.ndarray:
@@ -94,7 +101,7 @@ def test_fast_label_resampling_equals_exact_voxel_for_voxel(axis):
         fast = resample(seg, new_shape, spacing, target, is_seg=True, backend="fast")
         exact = resample(seg, new_shape, spacing, target, is_seg=True, backend="exact")
         assert fast.dtype == seg.dtype and fast.shape == exact.shape
-        assert (fast != exact).mean() < 1e-4, (trial, (fast != exact).sum())
+        np.testing.assert_array_equal(fast, exact, err_msg=f"trial {trial}")
 
 
 def test_sparse_hole_filling_equals_scipy():
@@ -323,3 +330,38 @@ def test_killed_run_resumes_without_partial_files(tmp_path):
         data = np.load(paths["data"])
         assert data.shape[1:] == tuple(json.loads(paths["properties"].read_text())["shape_after_resampling"])
         assert np.isfinite(data).all()
+
+
+def test_round_trip_of_a_case_whose_thick_axis_is_x_is_voxel_for_voxel(tmp_path):
+    """x is the thick axis (NIfTI axis 0, array axis 2): the plan transposes it first with [2, 0, 1], whose inverse
+    is [1, 2, 0], not itself. No resampling (all cases share one spacing), so the way back is exact."""
+    from medtuning.preprocessing.convert import write_dataset_json
+
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    rng = np.random.default_rng(3)
+    affine = np.diag([4.0, 1.0, 1.0, 1.0])  # x spacing 4 mm
+    labels = {}
+    for i in range(2):
+        label = _blobs(rng, (12, 30, 26), (1, 2)).clip(0).astype(np.uint8)  # file order (x, y, z)
+        image = (rng.random(label.shape) + 0.5 + label).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), raw / "imagesTr" / f"case_{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), raw / "labelsTr" / f"case_{i}.nii.gz")
+        labels[f"case_{i}"] = label
+    write_dataset_json(raw, "XThick", {"0": "MRI"}, {"background": 0, "a": 1, "b": 2}, 2, [0, 1, 2], "test")
+    plan = plan_dataset(raw, tmp_path / "plan.json", backend="exact", workers=1)
+    assert plan["transpose_forward"] == [2, 0, 1] and plan["transpose_backward"] == [1, 2, 0]
+    preprocess_dataset(raw, tmp_path / "plan.json", tmp_path / "pre", workers=1, progress=False)
+    for case in RawDataset.open(raw).training_cases():
+        props = load_properties(tmp_path / "pre", case.case_id)
+        assert props["shape_after_resampling"] == props["shape_after_cropping_and_before_resampling"]
+        seg = np.load(case_paths(tmp_path / "pre", case.case_id)["seg"])[0]
+        assert seg.shape[0] <= 12 < seg.shape[1]  # x, the thick axis, comes first
+        back = labels_to_original(seg, props, plan, backend="exact")
+        original, _ = read_volume(case.label)
+        np.testing.assert_array_equal(back, original)
+        # inference: the image alone, back into a file voxel for voxel like the label file
+        _, image_props = preprocess_images(case.images, plan)
+        written = write_prediction(tmp_path / f"{case.case_id}.nii.gz", back, image_props, plan)
+        np.testing.assert_array_equal(np.asarray(nib.load(str(written)).dataobj), labels[case.case_id])

@@ -65,6 +65,10 @@ def test_vit_without_class_token_drops_its_embedding():
     assert model.pos_embed.shape == (1, 64, 96)
     assert "cls_token" in report.unexpected
     assert "class-token entry dropped" in report.resized["pos_embed"]
+    # the grid entries of the one loaded with its class token, not the class token's entry plus all but one
+    with_token = vit(img_size=128)
+    load_backbone_weights(with_token, shared_path("fixtures", "timm_parity", "vit_tiny_timm.safetensors"))
+    torch.testing.assert_close(model.pos_embed, with_token.pos_embed[:, 1:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("weights,layout", [("swin_tiny_timm.safetensors", "timm"),
