@@ -115,3 +115,22 @@ def test_ctrl_c_ends_every_process_a_test_started(tmp_path):
     time.sleep(0.5)
     state = Path(f"/proc/{grandchild_pid}/stat")
     assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z", "the grandchild lives on"
+
+
+def test_documentation_links_resolve():
+    pages = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").rglob("*.md")),
+             *sorted((REPO / "bundles").glob("*/docs/README.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(REPO)}: {target} does not exist"
+
+
+def test_readme_commands_are_the_ones_ci_and_the_demo_test_run():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    test_command = "python -m pip install -r requirements-dev.txt -e . && python -m pytest -q"
+    assert test_command in blocks[2] and "python -m pytest -q" in (REPO / ".ci" / "run").read_text()
+    demo = blocks[1].strip()
+    assert demo.startswith("python -m pip install -r requirements.txt -e . && python -m monai.bundle run --config_file ")
+    assert "bundles/medtuning_brats/configs/train.json','bundles/medtuning_brats/configs/demo.json'" in demo
