@@ -193,33 +193,17 @@ def load_transforms(label_transforms: Sequence = (), plan_file: str | Path | Non
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False)]
 
 
-def training_transforms(patch_size: Sequence[int], foreground_fraction: float = 1 / 3) -> list:
-    """Random patches (a third centred on foreground, as nnU-Net oversamples), flips, intensity jitter."""
-    from monai.transforms import (RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd,
-                                  SpatialPadd)
+def patch_transforms(label_transforms: Sequence = ()) -> list:
+    """MONAI's augmentations of a training patch (:class:`~.patches.PatchDataset` reads it): flips on the three
+    axes, intensity scale and shift, then the bundle's label transforms (BraTS: labels to regions)."""
+    from monai.transforms import EnsureTyped, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
     keys = ["image", "label"]
-    neg = (1 - foreground_fraction) / foreground_fraction
-    return [SpatialPadd(keys=keys, spatial_size=patch_size),
-            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch_size, pos=1, neg=neg,
-                                   num_samples=1),
-            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)],
+    return [*[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)],
             RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0)]
-
-
-class PatchDataset(torch.utils.data.Dataset):
-    """``length`` random patches per epoch drawn from the (cached) cases in turn."""
-
-    def __init__(self, dataset, transform, length: int):
-        self.dataset, self.transform, self.length = dataset, transform, int(length)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.transform(dict(self.dataset[index % len(self.dataset)]))
-        return item[0] if isinstance(item, list) else item
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+            *label_transforms,
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False)]
 
 
 def file_sha256(path: str | Path) -> str:

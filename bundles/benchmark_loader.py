@@ -1,0 +1,264 @@
+"""Training data loaders side by side: patches per second and CPU seconds per patch, on the same preprocessed cases.
+
+    python -m medtuning.bundles.benchmark_loader [--cases 4] [--shape 124 200 174] [--workers 0 2 4]
+        [--markdown docs/benchmarks/loader.md]
+
+Pipelines, each run in a fresh process per worker count, on cases written once (BraTS-size by default: 4
+channels of 124 x 200 x 174, float32, about 69 MB a case) and read once beforehand so that every pipeline finds
+them in the page cache:
+
+* ``patches``: what the bundles train with (:mod:`.patches`): memory-mapped cases, only the patch read,
+  foreground from the precomputed locations, MONAI's flips and intensity transforms on the patch;
+* ``monai-default``: the MONAI pipeline the bundles used before, as MONAI's tutorials build it: every sample
+  loads its whole case (``cache_rate`` 0), pads it, and ``RandCropByPosNegLabeld`` searches the label map for
+  foreground and background voxels, then the same augmentations;
+* ``nnunet``: nnU-Net v2's own ``nnUNetDataLoader`` on the same arrays, when ``--nnunet-python`` names a Python
+  that has nnunetv2 (a scratch environment: it needs the package index's torch); otherwise it is reported as not
+  measured.
+
+Patches per second count wall time over the measured batches after one warm-up batch; CPU seconds per patch
+count the CPU time of the process and of its DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PIPELINES = ("patches", "monai-default", "nnunet")
+
+
+def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -> list[dict]:
+    """Synthetic preprocessed cases in the preprocessing stage's layout (``CASE.npy``, ``CASE_seg.npy``,
+    ``CASE_locations.npz``): z-scored noise, a tumour-like ellipsoid of three labels, -1 outside a nonzero box."""
+    from ..preprocessing.case import sample_class_locations
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = []
+    for i in range(cases):
+        case = f"case_{i:03d}"
+        paths = {"image": folder / f"{case}.npy", "label": folder / f"{case}_seg.npy", "case_id": case}
+        if not paths["image"].is_file():
+            rng = np.random.default_rng(i)
+            grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+            centre = [n * rng.uniform(0.35, 0.65) for n in shape]
+            r = sum(((g - c) / (n / 8)) ** 2 for g, c, n in zip(grid, centre, shape))
+            seg = np.zeros(shape, np.int8)
+            seg[r < 1.0], seg[r < 0.5], seg[r < 0.2] = 2, 1, 3
+            seg[:, :, : shape[2] // 10] = -1
+            image = rng.standard_normal((channels, *shape), dtype=np.float32)
+            np.save(paths["image"], image)
+            np.save(paths["label"], seg[None])
+            locations = sample_class_locations(seg[None], [1, 2, 3])
+            np.savez(folder / f"{case}_locations.npz", **{str(k): v for k, v in locations.items()})
+        data.append({k: str(v) for k, v in paths.items()})
+    return data
+
+
+def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int):
+    """The bundles' training data before :mod:`.patches`: whole cases loaded per sample, then padded and
+    cropped by ``RandCropByPosNegLabeld`` (a third of the patches centred on foreground), then augmented."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+    from .common import load_transforms, patch_transforms
+
+    class WholeCasePatches(CacheDataset):
+        def __init__(self):
+            crop = [SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
+                    RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch_size,
+                                           pos=1, neg=2, num_samples=1)]
+            super().__init__(data, Compose(load_transforms() + crop + patch_transforms()), cache_rate=0.0)
+
+        def __len__(self):
+            return length
+
+        def __getitem__(self, index):
+            item = super().__getitem__(index % len(self.data))
+            return item[0] if isinstance(item, list) else item
+
+    return WholeCasePatches()
+
+
+def patches_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int):
+    from monai.transforms import Compose
+
+    from .common import patch_transforms
+    from .patches import PatchDataset, TrainingCases
+
+    return PatchDataset(TrainingCases(data), patch_size, length, batch_size, Compose(patch_transforms()))
+
+
+def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: int, batches: int,
+            workers: int) -> dict:
+    """Run one pipeline in this process (fresh: the CPU time of its workers is counted once they have exited)."""
+    import torch
+    from monai.data import DataLoader
+
+    torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
+    build = patches_pipeline if pipeline == "patches" else monai_default_pipeline
+    dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    start_cpu = resource.getrusage(resource.RUSAGE_SELF)
+    iterator = iter(loader)
+    next(iterator)  # warm-up: workers started, first patches made
+    start = time.perf_counter()
+    count = 0
+    for batch in iterator:
+        count += batch["image"].shape[0]
+    seconds = time.perf_counter() - start
+    del iterator  # workers exit; their CPU time is then the children's
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (own.ru_utime + own.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime) + children.ru_utime + children.ru_stime
+    return {"patches": count, "seconds": seconds, "patches_per_s": count / seconds,
+            "cpu_s_per_patch": cpu / (count + batch_size)}  # the warm-up batch's CPU time is in there too
+
+
+NNUNET_WORKER = r"""
+import json, sys, time, resource, numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+spec = json.loads(sys.argv[1])
+# nnU-Net's own loader over the same arrays: a minimal dataset object with its load_case interface
+class Dataset:
+    def __init__(self, data):
+        self.data = {d["case_id"]: d for d in data}
+        self.identifiers = sorted(self.data)
+    def load_case(self, identifier):
+        d = self.data[identifier]
+        loc = np.load(d["image"].replace(".npy", "_locations.npz"))
+        props = {"class_locations": {int(k): loc[k] for k in loc.files}}
+        return np.load(d["image"], mmap_mode="r"), np.load(d["label"], mmap_mode="r"), None, props
+class Labels:
+    has_ignore_label = False
+    has_regions = False
+    all_labels = [0, 1, 2, 3]
+    foreground_labels = [1, 2, 3]
+    ignore_label = None
+    def annotated_classes_key(self): return (1, 2, 3)
+loader = nnUNetDataLoader(Dataset(spec["data"]), spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
+                          oversample_foreground_percent=1 / 3, sampling_probabilities=None, pad_sides=None,
+                          probabilistic_oversampling=False)
+next(loader)
+start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+count = 0
+for _ in range(spec["batches"]):
+    count += next(loader)["data"].shape[0]
+seconds = time.perf_counter() - start
+cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+print(json.dumps({"patches": count, "seconds": seconds, "patches_per_s": count / seconds, "cpu_s_per_patch": cpu / count}))
+"""
+
+
+def run_isolated(args, pipeline: str, data: list[dict], workers: int) -> dict | str:
+    """One measurement in a fresh process; nnU-Net's in the Python named by ``--nnunet-python`` (no workers: the
+    figure is its loader's own work per patch, the same in each of its background workers)."""
+    spec = {"pipeline": pipeline, "data": data, "patch_size": args.patch, "batch_size": args.batch,
+            "batches": args.batches, "workers": workers}
+    if pipeline == "nnunet":
+        if not args.nnunet_python:
+            return "not measured: give --nnunet-python (a Python with nnunetv2)"
+        command = [args.nnunet_python, "-c", NNUNET_WORKER, json.dumps(spec)]
+    else:
+        command = [sys.executable, "-m", __spec__.name, "--worker", json.dumps(spec)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m medtuning.bundles.benchmark_loader",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--shape", type=int, nargs=3, default=[124, 200, 174], help="preprocessed case size z y x")
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=10, help="measured batches per run (after one warm-up)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--nnunet-python", help="a Python interpreter that imports nnunetv2")
+    parser.add_argument("--workdir", help="where the synthetic cases are written (default: a temporary folder)")
+    parser.add_argument("--markdown", metavar="PAGE", help="write the table into this page's section for this setting")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(measure(spec["pipeline"], spec["data"], spec["patch_size"], spec["batch_size"],
+                                 spec["batches"], spec["workers"])))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="medtuning-loader-") as scratch:
+        folder = Path(args.workdir or scratch) / "preprocessed"
+        data = write_cases(folder, args.cases, args.shape)
+        for item in data:  # into the page cache, for every pipeline alike
+            for key in ("image", "label"):
+                Path(item[key]).read_bytes()
+        rows = []
+        print(f"{args.cases} cases of {args.shape}, patches {args.patch}, batch {args.batch}, {args.batches} "
+              f"batches per run, {os.cpu_count()} CPUs")
+        for workers in args.workers:
+            for pipeline in args.pipelines:
+                if pipeline == "nnunet" and workers:
+                    continue
+                result = run_isolated(args, pipeline, data, workers)
+                rows.append((pipeline, workers, result))
+                shown = result if isinstance(result, str) else (
+                    f"{result['patches_per_s']:7.2f} patches/s, {result['cpu_s_per_patch']:.3f} CPU-s/patch")
+                print(f"  {pipeline:14s} workers {workers}: {shown}", flush=True)
+    summary = ratios(rows)
+    for line in summary:
+        print(line)
+    if args.markdown:
+        write_markdown(args, rows, summary, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+def ratios(rows: list) -> list[str]:
+    """The new loader against the old one per CPU second (same worker count), and against nnU-Net's."""
+    found = {(p, w): r for p, w, r in rows if isinstance(r, dict)}
+    lines = []
+    for (pipeline, workers), result in sorted(found.items()):
+        old = found.get(("monai-default", workers))
+        if pipeline == "patches" and old:
+            lines.append(f"patches/s per CPU-second, workers {workers}: x{old['cpu_s_per_patch'] / result['cpu_s_per_patch']:.1f} "
+                         f"the MONAI default's (target >= 10)")
+    nnunet = found.get(("nnunet", 0))
+    if nnunet and ("patches", 0) in found:
+        lines.append(f"CPU-s per patch vs nnU-Net's loader: x{found[('patches', 0)]['cpu_s_per_patch'] / nnunet['cpu_s_per_patch']:.2f}"
+                     f" (target <= 1)")
+    return lines
+
+
+def write_markdown(args, rows: list, summary: list[str], argv: list[str]) -> None:
+    from ..networks.tools.report import command_line, markdown_table, write_section
+
+    table = []
+    for pipeline, workers, result in rows:
+        if isinstance(result, str):
+            table.append([pipeline, str(workers), result, ""])
+        else:
+            table.append([pipeline, str(workers), f"{result['patches_per_s']:.2f}", f"{result['cpu_s_per_patch']:.3f}"])
+    body = markdown_table(["pipeline", "workers", "patches / s", "CPU-s / patch"], table, "lrrr")
+    body += "\n\n" + "\n".join(f"- {line}" for line in summary)
+    title = (f"{args.cases} cases of {'x'.join(map(str, args.shape))}, {args.batch} patches of "
+             f"{'x'.join(map(str, args.patch))} per batch")
+    write_section(args.markdown, f"loader {args.cases} {args.shape} {args.patch} {args.batch}", title,
+                  command_line("python -m medtuning.bundles.benchmark_loader", argv), body,
+                  page_title="Benchmarks: training data loader")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Training patches read straight from the preprocessed cases, the way nnU-Net v2's loader reads them.
+
+A training step needs one patch per sample, a small part of its case. The preprocessed arrays (``CASE.npy``,
+``CASE_seg.npy``) are opened memory-mapped, so a patch reads only its own region from the file (or from the page
+cache), and foreground patches are centred on the foreground locations that preprocessing already sampled
+(``CASE_locations.npz``), instead of scanning the whole label map for every patch. The rule is nnU-Net's: in
+each batch, the last third of the samples (``round(batch * (1 - 1/3))`` onwards) are centred on a voxel of a
+randomly chosen foreground class present in the case, the others lie anywhere; a patch larger than the case, or
+reaching past its border, is padded with zeros (images) and background (labels), as ``SpatialPad`` did.
+
+Augmentation stays MONAI's: the bundles' configs name the transforms, which run on the patch alone.
+
+:class:`TrainingCases` holds the cases (memory-mapped, or read into memory for the first ``cache_rate`` of
+them; raw NIfTI cases from MONAI Label are preprocessed with the plan when first used and kept in memory);
+:class:`PatchDataset` draws ``length`` patches per epoch from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data.utils import set_rnd
+from monai.transforms import Randomizable
+
+from ..preprocessing.io import DataError
+
+__all__ = ["Case", "TrainingCases", "PatchDataset", "patch_box", "forced_foreground"]
+
+
+class Case:
+    """One training case: channel-first image ``(C, z, y, x)``, label map ``(z, y, x)`` (-1 outside the nonzero
+    mask, read as background) and foreground locations per class (``(N, 3)`` voxel indices)."""
+
+    def __init__(self, image: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray], case_id: str):
+        self.image, self.label, self.locations, self.case_id = image, label, locations, case_id
+        self.shape = tuple(int(n) for n in image.shape[1:])
+
+    @classmethod
+    def open(cls, item: dict, in_memory: bool = False) -> "Case":
+        """A preprocessed case from its data dict (``image``, ``label``: ``.npy`` files), memory-mapped unless
+        ``in_memory``; its locations from ``CASE_locations.npz`` beside them."""
+        image_path, label_path = Path(item["image"]), Path(item["label"])
+        mode = None if in_memory else "r"
+        try:
+            image, label = np.load(image_path, mmap_mode=mode), np.load(label_path, mmap_mode=mode)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{image_path}: cannot be read as a preprocessed case ({error})") from None
+        label = label[0] if label.ndim == 4 else label
+        if image.shape[1:] != label.shape:
+            raise DataError(f"{label_path}: shape {label.shape} does not match the image's {image.shape[1:]}")
+        locations_path = image_path.with_name(f"{image_path.stem}_locations.npz")
+        locations = {}
+        if locations_path.is_file():
+            with np.load(locations_path) as stored:
+                # nnU-Net keeps (channel, z, y, x) rows: the spatial part is the last three columns
+                locations = {int(key): stored[key][:, -3:] for key in stored.files}
+        else:  # an older preprocessing run: sample them now (once per case, not per patch)
+            from ..preprocessing.case import sample_class_locations
+
+            seg = np.asarray(label)
+            locations = sample_class_locations(seg, [int(v) for v in np.unique(seg) if v > 0])
+        return cls(image, label, locations, str(item.get("case_id", image_path.stem)))
+
+    @classmethod
+    def from_arrays(cls, image: np.ndarray, label: np.ndarray, case_id: str) -> "Case":
+        from ..preprocessing.case import sample_class_locations
+
+        label = label[0] if label.ndim == 4 else label
+        locations = sample_class_locations(label, [int(v) for v in np.unique(label) if v > 0])
+        return cls(image, label, locations, case_id)
+
+    def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The box ``[lower, lower + size)``; what lies outside the case is zero (image) and background (label)."""
+        inside = tuple(slice(max(lo, 0), min(lo + n, s)) for lo, n, s in zip(lower, size, self.shape))
+        image = np.zeros((self.image.shape[0], *size), dtype=np.float32)
+        label = np.zeros(tuple(size), dtype=np.int16)
+        target = tuple(slice(sl.start - lo, sl.stop - lo) for sl, lo in zip(inside, lower))
+        image[(slice(None), *target)] = self.image[(slice(None), *inside)]
+        label[target] = np.maximum(self.label[inside], 0)  # -1 (outside the nonzero mask) is background
+        return image, label
+
+
+def forced_foreground(position: int, batch_size: int, foreground_fraction: float = 1 / 3) -> bool:
+    """nnU-Net's oversampling rule: the samples of a batch from ``round(batch * (1 - fraction))`` on are
+    centred on foreground."""
+    return not position < round(batch_size * (1 - foreground_fraction))
+
+
+def patch_box(shape: Sequence[int], size: Sequence[int], rng: np.random.RandomState,
+              centre: Sequence[int] | None = None) -> list[int]:
+    """Lower corner of a patch of ``size`` in a case of ``shape`` (nnU-Net's ``get_bbox``): anywhere a patch fits,
+    a case smaller than the patch padded evenly on both sides; around ``centre`` when given, kept in range."""
+    lower = []
+    for s, n, c in zip(shape, size, centre if centre is not None else [None] * len(shape)):
+        need = max(n - s, 0)
+        low, high = -(need // 2), s + need // 2 + need % 2 - n
+        lower.append(int(np.clip(c - n // 2, low, high)) if c is not None else int(rng.randint(low, high + 1)))
+    return lower
+
+
+class TrainingCases(torch.utils.data.Dataset):
+    """The training cases of a datalist, opened once: preprocessed ``.npy`` cases memory-mapped (the first
+    ``cache_rate`` of them read into memory, shared with DataLoader workers), raw NIfTI cases (MONAI Label's
+    datastore) preprocessed with the plan on first use and kept."""
+
+    def __init__(self, data: Sequence[dict], plan_file: str | Path | None = None, cache_rate: float = 0.0):
+        self.data, self.plan_file = list(data), plan_file
+        cached = int(round(len(self.data) * float(cache_rate)))
+        self._cases: dict[int, Case] = {i: self._open(i, in_memory=True) for i in range(cached)}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _open(self, index: int, in_memory: bool = False) -> Case:
+        item = self.data[index]
+        if str(item["image"]).endswith(".npy"):
+            return Case.open(item, in_memory)
+        from ..preprocessing.planning import load_plan
+        from ..preprocessing.preprocessor import preprocess_labelled_images
+        from .common import case_id_of
+
+        if self.plan_file is None:
+            raise DataError(f"{item['image']}: raw NIfTI training cases need the plan (plan_file)")
+        images = [item["image"]] if isinstance(item["image"], (str, Path)) else list(item["image"])
+        image, label = preprocess_labelled_images(images, item["label"], load_plan(self.plan_file))
+        return Case.from_arrays(image, label, str(item.get("case_id", case_id_of(images[0]))))
+
+    def __getitem__(self, index: int) -> Case:
+        if index not in self._cases:
+            self._cases[index] = self._open(index)
+        return self._cases[index]
+
+
+class PatchDataset(Randomizable, torch.utils.data.Dataset):
+    """``length`` training patches per epoch: sample ``i`` comes from case ``i mod cases`` and sits at position
+    ``i mod batch_size`` of its batch, which decides whether it is centred on foreground (:func:`forced_foreground`).
+    Each patch, as ``{"image": (C, *patch), "label": (1, *patch), "case_id"}``, then goes through ``transform``."""
+
+    def __init__(self, cases: TrainingCases, patch_size: Sequence[int], length: int, batch_size: int,
+                 transform=None, foreground_fraction: float = 1 / 3):
+        self.cases, self.patch_size, self.length = cases, [int(n) for n in patch_size], int(length)
+        self.batch_size, self.foreground_fraction, self.transform = int(batch_size), float(foreground_fraction), transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> "PatchDataset":
+        super().set_random_state(seed, state)
+        if self.transform is not None and seed is not None:
+            set_rnd(self.transform, seed + 1)  # the augmentations follow the same seed
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass
+
+    def sample(self, case: Case, foreground: bool) -> list[int]:
+        classes = [c for c, where in case.locations.items() if len(where)]
+        if foreground and classes:
+            where = case.locations[classes[self.R.randint(len(classes))]]
+            return patch_box(case.shape, self.patch_size, self.R, where[self.R.randint(len(where))])
+        return patch_box(case.shape, self.patch_size, self.R)
+
+    def __getitem__(self, index: int) -> dict:
+        if not len(self.cases):
+            raise DataError("no training cases")
+        case = self.cases[index % len(self.cases)]
+        foreground = forced_foreground(index % self.batch_size, self.batch_size, self.foreground_fraction)
+        image, label = case.read(self.sample(case, foreground), self.patch_size)
+        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32)),
+                "case_id": case.case_id}
+        return self.transform(item) if self.transform is not None else item

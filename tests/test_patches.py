@@ -1,0 +1,115 @@
+"""Training patches read from memory-mapped preprocessed cases (bundles/patches.py): the box rule, the
+foreground rule, padding at the borders, determinism, and the loader benchmark's output."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medtuning.bundles.patches import Case, PatchDataset, TrainingCases, forced_foreground, patch_box
+from medtuning.preprocessing.case import sample_class_locations
+
+from .conftest import REPO
+
+
+def write_case(folder, name="case_000", shape=(20, 30, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((2, *shape)).astype(np.float32)
+    seg = np.zeros(shape, np.int8)
+    seg[5:8, 10:14, 30:36] = 1  # a small object near the x border
+    seg[:, :, :3] = -1  # outside the nonzero mask
+    np.save(folder / f"{name}.npy", image)
+    np.save(folder / f"{name}_seg.npy", seg[None])
+    locations = sample_class_locations(seg[None], [1])
+    np.savez(folder / f"{name}_locations.npz", **{str(k): v for k, v in locations.items()})
+    return {"image": str(folder / f"{name}.npy"), "label": str(folder / f"{name}_seg.npy"), "case_id": name}, image, seg
+
+
+def test_nnunet_oversampling_rule():
+    assert [forced_foreground(i, 2) for i in range(2)] == [False, True]
+    assert [forced_foreground(i, 3) for i in range(3)] == [False, False, True]
+    assert [forced_foreground(i, 6) for i in range(6)] == [False] * 4 + [True] * 2
+
+
+def test_patch_boxes_fit_or_pad_evenly_and_centre_where_asked():
+    rng = np.random.RandomState(0)
+    for _ in range(200):
+        lower = patch_box((20, 30, 40), (8, 30, 50), rng)
+        assert 0 <= lower[0] <= 12 and lower[1] == 0 and -5 <= lower[2] <= -5 + 0  # 40 < 50: padded 5 each side
+    assert patch_box((20, 30, 40), (8, 10, 10), rng, centre=(10, 15, 20)) == [6, 10, 15]
+    assert patch_box((20, 30, 40), (8, 10, 10), rng, centre=(0, 29, 39)) == [0, 20, 30]  # kept inside
+
+
+def test_a_patch_is_the_region_with_zero_image_and_background_label_outside(tmp_path):
+    item, image, seg = write_case(tmp_path)
+    case = Case.open(item)
+    assert isinstance(case.image, np.memmap) and isinstance(case.label, np.memmap)  # nothing read until asked
+    got_image, got_label = case.read([-2, 25, 36], [6, 8, 8])
+    padded_image = np.pad(image, ((0, 0), (2, 0), (0, 3), (0, 4)))
+    padded_label = np.pad(np.maximum(seg, 0), ((2, 0), (0, 3), (0, 4)))
+    np.testing.assert_array_equal(got_image, padded_image[:, 0:6, 25:33, 36:44])
+    np.testing.assert_array_equal(got_label, padded_label[0:6, 25:33, 36:44])
+
+
+def test_foreground_samples_are_centred_on_foreground_and_the_rest_anywhere(tmp_path):
+    item, _, seg = write_case(tmp_path)
+    dataset = PatchDataset(TrainingCases([item]), [8, 8, 8], length=400, batch_size=2)
+    dataset.set_random_state(0)
+    centres = {True: 0, False: 0}
+    for i in range(400):
+        label = dataset[i]["label"][0]
+        centres[forced_foreground(i % 2, 2)] += int(label[4, 4, 4] > 0)
+    assert centres[True] == 200  # every forced sample: the object is small enough for its centre to be inside
+    fraction = (seg > 0).mean()
+    assert centres[False] < 200 * max(10 * fraction, 0.1)  # the others only by chance
+
+
+def test_same_seed_same_patches_and_augmentations(tmp_path):
+    from monai.transforms import Compose
+
+    from medtuning.bundles.common import patch_transforms
+
+    item, _, _ = write_case(tmp_path)
+
+    def patches(seed):
+        dataset = PatchDataset(TrainingCases([item]), [8, 8, 8], 6, 2, Compose(patch_transforms()))
+        dataset.set_random_state(seed)
+        return torch.stack([dataset[i]["image"] for i in range(6)])
+
+    assert torch.equal(patches(3), patches(3)) and not torch.equal(patches(3), patches(4))
+
+
+def test_cache_rate_reads_cases_into_memory(tmp_path):
+    items = [write_case(tmp_path, f"case_{i:03d}", seed=i)[0] for i in range(4)]
+    cases = TrainingCases(items, cache_rate=0.5)
+    kinds = [isinstance(cases[i].image, np.memmap) for i in range(4)]
+    assert kinds == [False, False, True, True]
+
+
+def test_an_unreadable_case_names_its_file(tmp_path):
+    from medtuning.preprocessing.io import DataError
+
+    item, _, _ = write_case(tmp_path)
+    (tmp_path / "case_000.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="case_000.npy: cannot be read as a preprocessed case"):
+        TrainingCases([item])[0]
+
+
+@pytest.mark.slow
+def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
+    page = tmp_path / "loader.md"
+    out = subprocess.run([sys.executable, "-m", "medtuning.bundles.benchmark_loader", "--cases", "2", "--shape", "24",
+                          "40", "40", "--patch", "16", "32", "32", "--batches", "2", "--workers", "0", "2",
+                          "--markdown", str(page)], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stderr
+    assert "nnunet         workers 0: not measured: give --nnunet-python" in out.stdout
+    ratios = [line for line in out.stdout.splitlines() if line.startswith("patches/s per CPU-second")]
+    assert len(ratios) == 2 and all(math.isfinite(float(r.split(": x")[1].split()[0])) for r in ratios)
+    text = page.read_text()
+    assert text.startswith("# Benchmarks: training data loader") and "| patches | 2 |" in text
