@@ -12,9 +12,10 @@ them in the page cache:
 * ``monai-default``: the MONAI pipeline the bundles used before, as MONAI's tutorials build it: every sample
   loads its whole case (``cache_rate`` 0), pads it, and ``RandCropByPosNegLabeld`` searches the label map for
   foreground and background voxels, then the same augmentations;
-* ``nnunet``: nnU-Net v2's own ``nnUNetDataLoader`` on the same arrays, when ``--nnunet-python`` names a Python
-  that has nnunetv2 (a scratch environment: it needs the package index's torch); otherwise it is reported as not
-  measured.
+* ``nnunet``: nnU-Net v2's own ``nnUNetDataLoader`` on the same memory-mapped arrays and saved locations, with
+  flips and an intensity scale from batchgeneratorsv2, when ``--nnunet-python`` names a Python that has nnunetv2
+  (a scratch environment: it needs the package index's torch); otherwise it is reported as not measured. It runs
+  in one process: nnU-Net spreads the same work over background workers.
 
 Patches per second count wall time over the measured batches after one warm-up batch; CPU seconds per patch
 count the CPU time of the process and of its DataLoader workers.
@@ -64,7 +65,16 @@ def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -
     return data
 
 
-def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int):
+BRATS_REGIONS = [[3], [1, 3], [1, 2, 3]]  # ET, TC, WT: the BraTS bundle's label transform
+
+
+def label_transforms(regions: bool) -> list:
+    from .metrics import LabelsToRegionsd
+
+    return [LabelsToRegionsd(keys="label", regions=BRATS_REGIONS)] if regions else []
+
+
+def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int, regions: bool):
     """The bundles' training data before :mod:`.patches`: whole cases loaded per sample, then padded and
     cropped by ``RandCropByPosNegLabeld`` (a third of the patches centred on foreground), then augmented."""
     from monai.data import CacheDataset
@@ -77,7 +87,8 @@ def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: 
             crop = [SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
                     RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch_size,
                                            pos=1, neg=2, num_samples=1)]
-            super().__init__(data, Compose(load_transforms() + crop + patch_transforms()), cache_rate=0.0)
+            super().__init__(data, Compose(load_transforms(label_transforms(regions)) + crop + patch_transforms()),
+                             cache_rate=0.0)
 
         def __len__(self):
             return length
@@ -89,24 +100,25 @@ def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: 
     return WholeCasePatches()
 
 
-def patches_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int):
+def patches_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int, regions: bool):
     from monai.transforms import Compose
 
     from .common import patch_transforms
     from .patches import PatchDataset, TrainingCases
 
-    return PatchDataset(TrainingCases(data), patch_size, length, batch_size, Compose(patch_transforms()))
+    return PatchDataset(TrainingCases(data), patch_size, length, batch_size,
+                        Compose(patch_transforms(label_transforms(regions))))
 
 
 def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: int, batches: int,
-            workers: int) -> dict:
+            workers: int, regions: bool) -> dict:
     """Run one pipeline in this process (fresh: the CPU time of its workers is counted once they have exited)."""
     import torch
     from monai.data import DataLoader
 
     torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
     build = patches_pipeline if pipeline == "patches" else monai_default_pipeline
-    dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size)
+    dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size, regions)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     start_cpu = resource.getrusage(resource.RUSAGE_SELF)
     iterator = iter(loader)
@@ -136,7 +148,8 @@ class Dataset:
         d = self.data[identifier]
         loc = np.load(d["image"].replace(".npy", "_locations.npz"))
         props = {"class_locations": {int(k): loc[k] for k in loc.files}}
-        return np.load(d["image"], mmap_mode="r"), np.load(d["label"], mmap_mode="r"), None, props
+        # copy-on-write: a patch fully inside the case is a view, and the transforms flip it in place
+        return np.load(d["image"], mmap_mode="c"), np.load(d["label"], mmap_mode="c"), None, props
 class Labels:
     has_ignore_label = False
     has_regions = False
@@ -144,9 +157,15 @@ class Labels:
     foreground_labels = [1, 2, 3]
     ignore_label = None
     def annotated_classes_key(self): return (1, 2, 3)
+# the same augmentations as the other pipelines: flips on three axes, intensity scale (batchgeneratorsv2's)
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+transforms = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2)),
+                                MultiplicativeBrightnessTransform((0.9, 1.1), synchronize_channels=False)])
 loader = nnUNetDataLoader(Dataset(spec["data"]), spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
                           oversample_foreground_percent=1 / 3, sampling_probabilities=None, pad_sides=None,
-                          probabilistic_oversampling=False)
+                          probabilistic_oversampling=False, transforms=transforms)
 next(loader)
 start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 count = 0
@@ -163,7 +182,7 @@ def run_isolated(args, pipeline: str, data: list[dict], workers: int) -> dict | 
     """One measurement in a fresh process; nnU-Net's in the Python named by ``--nnunet-python`` (no workers: the
     figure is its loader's own work per patch, the same in each of its background workers)."""
     spec = {"pipeline": pipeline, "data": data, "patch_size": args.patch, "batch_size": args.batch,
-            "batches": args.batches, "workers": workers}
+            "batches": args.batches, "workers": workers, "regions": args.regions == "brats"}
     if pipeline == "nnunet":
         if not args.nnunet_python:
             return "not measured: give --nnunet-python (a Python with nnunetv2)"
@@ -172,7 +191,8 @@ def run_isolated(args, pipeline: str, data: list[dict], workers: int) -> dict | 
         command = [sys.executable, "-m", __spec__.name, "--worker", json.dumps(spec)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
-        return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+        errors = [line for line in out.stderr.splitlines() if "Error" in line] or out.stderr.strip().splitlines() or ["?"]
+        return "failed: " + errors[-1]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -185,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=10, help="measured batches per run (after one warm-up)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--regions", choices=["brats", "none"], default="brats",
+                        help="labels to BraTS's ET/TC/WT region channels, as the BraTS bundle trains (nnU-Net's loader "
+                             "returns labels; its trainer makes regions on the GPU side of the batch)")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--nnunet-python", help="a Python interpreter that imports nnunetv2")
     parser.add_argument("--workdir", help="where the synthetic cases are written (default: a temporary folder)")
@@ -198,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(measure(spec["pipeline"], spec["data"], spec["patch_size"], spec["batch_size"],
-                                 spec["batches"], spec["workers"])))
+                                 spec["batches"], spec["workers"], spec["regions"])))
         return 0
     with tempfile.TemporaryDirectory(prefix="medtuning-loader-") as scratch:
         folder = Path(args.workdir or scratch) / "preprocessed"

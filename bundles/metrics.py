@@ -37,8 +37,14 @@ class LabelsToRegionsd(MapTransform):
         for key in self.key_iterator(d):
             label = convert_to_tensor(d[key], track_meta=False)
             label = label[0] if label.ndim == 4 else label
-            regions = torch.stack([torch.isin(label, torch.as_tensor(r, device=label.device)) for r in self.regions])
-            d[key] = convert_to_dst_type(regions, d[key], dtype=torch.float32)[0]
+            # one table lookup per voxel (label -> its regions) instead of a search per region; labels outside
+            # every region, and -1, read as background
+            top = max(v for r in self.regions for v in r) + 1
+            index = label.to(torch.long).clamp_(0, top)
+            table = torch.zeros((len(self.regions), top + 1), dtype=torch.float32, device=label.device)
+            for k, region in enumerate(self.regions):
+                table[k, region] = 1
+            d[key] = convert_to_dst_type(table[:, index], d[key], dtype=torch.float32)[0]
         return d
 
 

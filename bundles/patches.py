@@ -73,13 +73,21 @@ class Case:
         return cls(image, label, locations, case_id)
 
     def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The box ``[lower, lower + size)``; what lies outside the case is zero (image) and background (label)."""
+        """The box ``[lower, lower + size)`` as float32 image ``(C, *size)`` and label ``(*size)``; what lies outside
+        the case is zero (image) and background (label). One copy from the file's pages; only the padding is filled."""
         inside = tuple(slice(max(lo, 0), min(lo + n, s)) for lo, n, s in zip(lower, size, self.shape))
-        image = np.zeros((self.image.shape[0], *size), dtype=np.float32)
-        label = np.zeros(tuple(size), dtype=np.int16)
         target = tuple(slice(sl.start - lo, sl.stop - lo) for sl, lo in zip(inside, lower))
+        image = np.empty((self.image.shape[0], *size), dtype=np.float32)
+        label = np.empty(tuple(size), dtype=np.float32)
+        for axis, part in enumerate(target):  # the padding, slab by slab
+            for start, stop in ((0, part.start), (part.stop, size[axis])):
+                if start < stop:
+                    box = tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(size)))
+                    image[(slice(None), *box)] = 0
+                    label[box] = 0
         image[(slice(None), *target)] = self.image[(slice(None), *inside)]
-        label[target] = np.maximum(self.label[inside], 0)  # -1 (outside the nonzero mask) is background
+        label[target] = self.label[inside]
+        np.maximum(label[target], 0, out=label[target])  # -1 (outside the nonzero mask) is background
         return image, label
 
 
@@ -169,6 +177,6 @@ class PatchDataset(Randomizable, torch.utils.data.Dataset):
         case = self.cases[index % len(self.cases)]
         foreground = forced_foreground(index % self.batch_size, self.batch_size, self.foreground_fraction)
         image, label = case.read(self.sample(case, foreground), self.patch_size)
-        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32)),
+        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label[None]),
                 "case_id": case.case_id}
         return self.transform(item) if self.transform is not None else item
