@@ -11,6 +11,11 @@ block's output.
 The modules live in ``model.med_adapter`` and run from forward hooks on the blocks, so the
 backbone keeps its own parameter names (pretrained and tuned-only checkpoints stay loadable).
 
+The paper's ablations are options of :class:`MedAdapterConfig` (the defaults are the paper's model): which
+stages get adapters (Table 4), the global branch (Table 10: FFT, or a large depth-wise convolution), each part
+of Intra-FE (Table 11: the multi-scale local branches, the global branch, channel mixing) and how Inter-FI
+joins the previous stage's map (Table 12: concatenation, addition, maximum, or not at all).
+
 In training, each adapter keeps only its inputs for the backward pass and runs again there
 (``recompute``, on by default): its inner activations, the C-wide GELU input and a dozen C'-wide maps,
 take several times the memory of its input for a small share of the step's compute. BatchNorm running
@@ -34,14 +39,42 @@ from .layers import OutputHook, PatchTokenModule, depthwise_conv3d, tokens_to_vo
 __all__ = ["MedAdapterConfig", "MedAdapter", "FrequencyFilter", "DepthwiseBranch", "MedAdapterMethod"]
 
 
+GLOBAL_BRANCHES = ("fft", "dwconv9", "dwconv11", "none")
+INTER_STAGE_MODES = ("concat", "add", "max", "off")
+
+
 @dataclass
 class MedAdapterConfig:
     reduction: int = 6  # alpha: bottleneck width C' = C // alpha
+    # Intra-FE's multi-scale local branches (MLB), one per kernel size; () leaves them out
     kernel_sizes: tuple[int, ...] = (3, 5)
-    inter_stage: bool = True
+    # Intra-FE's global branch: the FFT filter (FGB), a large depth-wise convolution in its place (dwconv9, dwconv11:
+    # 1xKxK then Kx1x1, as the local branches but with a K-wide field), or none
+    global_branch: str = "fft"
+    channel_mixing: bool = True  # Intra-FE's 1x1x1 convolution after the branches
+    # Inter-FI at the last adapter of each stage: the previous stage's map joined by concatenation and a 1x1x1
+    # fusion ("concat"; True means it too), by addition ("add") or element-wise maximum ("max"), or not at all
+    # ("off", or False)
+    inter_stage: str = "concat"
+    stages: tuple[int, ...] | None = None  # the feature stages whose blocks get adapters; None: all
     # keep only the adapter's inputs for the backward pass and run it again there: its inner
     # activations (bottleneck, depth-wise branches, FFT, up-projection) are several times its input
     recompute: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inter_stage is True or self.inter_stage is False:
+            self.inter_stage = "concat" if self.inter_stage else "off"
+        if self.inter_stage not in INTER_STAGE_MODES:
+            raise ValueError(f"inter_stage {self.inter_stage!r}: choose one of {', '.join(INTER_STAGE_MODES)}")
+        if self.global_branch not in GLOBAL_BRANCHES:
+            raise ValueError(f"global_branch {self.global_branch!r}: choose one of {', '.join(GLOBAL_BRANCHES)}")
+        self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
+        if any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"kernel_sizes {self.kernel_sizes}: odd sizes of at least 1")
+        if self.stages is not None:
+            self.stages = tuple(sorted({int(s) for s in self.stages}))
+            if not self.stages:
+                raise ValueError("stages: name at least one stage, or None for all")
 
 
 class FrequencyFilter(nn.Module):
@@ -103,7 +136,8 @@ class DepthwiseBranch(nn.Sequential):
 class MedAdapter(PatchTokenModule):
     """One Med-Adapter; see the module docstring. Input and output in the site's token layout."""
 
-    def __init__(self, site: AdapterSite, context: SliceContext, config: MedAdapterConfig) -> None:
+    def __init__(self, site: AdapterSite, context: SliceContext, config: MedAdapterConfig,
+                 reads_previous_stage: bool = True) -> None:
         super().__init__()
         hidden = site.dim // config.reduction
         if hidden < 1:
@@ -114,9 +148,17 @@ class MedAdapter(PatchTokenModule):
         self.context = context  # shared with the network; not a submodule
         self.down_projection = nn.Linear(site.dim, hidden)
         self.branches = nn.ModuleList(DepthwiseBranch(hidden, k) for k in config.kernel_sizes)
-        self.global_filter = FrequencyFilter(site.depth)
-        self.mix = nn.Conv3d(hidden, hidden, 1)
-        self.inter_stage = config.inter_stage and site.last_in_stage
+        if config.global_branch == "fft":
+            self.global_filter = FrequencyFilter(site.depth)
+        elif config.global_branch.startswith("dwconv"):
+            self.global_filter = DepthwiseBranch(hidden, int(config.global_branch[len("dwconv"):]))
+        else:
+            self.global_filter = None
+        self.mix = nn.Conv3d(hidden, hidden, 1) if config.channel_mixing else nn.Identity()
+        self.inter_stage_mode = config.inter_stage if site.last_in_stage else "off"
+        self.inter_stage = self.inter_stage_mode != "off"
+        # a stage whose previous stage has no adapters (stages=...) joins nothing, as the first stage does
+        self.reads_previous_stage = reads_previous_stage
         if self.inter_stage:
             stride = tuple(site.stage_stride)
             if stride == (1, 1, 1):  # same grid (ViT): 1x1x1 alignment
@@ -124,7 +166,8 @@ class MedAdapter(PatchTokenModule):
             else:  # previous stage is finer and C'/2 wide: strided 3x3 (in the strided axes) conv
                 kernel = tuple(3 if s > 1 else 1 for s in stride)
                 self.align = nn.Conv3d(hidden // 2, hidden, kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
-            self.fuse = nn.Conv3d(2 * hidden, hidden, 1)
+            if self.inter_stage_mode == "concat":
+                self.fuse = nn.Conv3d(2 * hidden, hidden, 1)
         self.up_projection = nn.Linear(hidden, site.dim)
         self.act = nn.GELU()
         self.recompute = config.recompute
@@ -139,7 +182,12 @@ class MedAdapter(PatchTokenModule):
             aligned = self.align(prev)
             if aligned.shape[2:] != local.shape[2:]:
                 raise ValueError(f"inter-stage map {tuple(aligned.shape[2:])} does not align with {tuple(local.shape[2:])}")
-        return self.fuse(torch.cat([local, aligned.to(local.dtype)], dim=1))
+        aligned = aligned.to(local.dtype)
+        if self.inter_stage_mode == "add":
+            return local + aligned
+        if self.inter_stage_mode == "max":
+            return torch.maximum(local, aligned)
+        return self.fuse(torch.cat([local, aligned], dim=1))
 
     def adapt(self, tokens: torch.Tensor, prev: torch.Tensor | None,
               geometry: SliceContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,7 +196,10 @@ class MedAdapter(PatchTokenModule):
         map (``None`` unless this adapter closes a stage)."""
         z = self.act(self.down_projection(tokens))
         v = tokens_to_volume(z, self.layout, geometry)
-        local = sum(branch(v) for branch in self.branches) + self.global_filter(v)
+        parts = [branch(v) for branch in self.branches]
+        if self.global_filter is not None:
+            parts.append(self.global_filter(v))
+        local = sum(parts) if parts else torch.zeros_like(v)  # no Intra-FE part: a plain bottleneck adapter
         local = self.mix(local.to(v.dtype))
         stage_map = self.inter_stage_map(local, prev) if self.inter_stage else None
         local = local if stage_map is None else stage_map
@@ -156,7 +207,7 @@ class MedAdapter(PatchTokenModule):
         return tokens + self.act(self.up_projection(z)), stage_map
 
     def transform(self, tokens: torch.Tensor) -> torch.Tensor:
-        prev = self.context.stage_map if self.inter_stage else None
+        prev = self.context.stage_map if self.inter_stage and self.reads_previous_stage else None
         # a snapshot: a recomputation in the backward pass must not see a later forward's geometry
         geometry = SliceContext(depth=self.context.depth, grid=self.context.grid)
         if self.recompute and torch.is_grad_enabled():
@@ -196,7 +247,14 @@ class MedAdapterMethod(InsertingMethod):
 
     def insert(self, model: nn.Module, config: MedAdapterConfig) -> nn.Module:
         sites = model.adapter_sites()
-        adapters = nn.ModuleList(MedAdapter(site, model.context, config) for site in sites)
+        stages = sorted({s.stage for s in sites if s.stage is not None})
+        chosen = set(stages) if config.stages is None else set(config.stages)
+        if not chosen <= set(stages):
+            raise ValueError(f"stages {tuple(sorted(chosen))}: this network's stages are {tuple(stages)}")
+        sites = [s for s in sites if s.stage in chosen or (config.stages is None and s.stage is None)]
+        adapters = nn.ModuleList(MedAdapter(site, model.context, config,
+                                            reads_previous_stage=site.stage is not None and site.stage - 1 in chosen)
+                                 for site in sites)
         for site, adapter in zip(sites, adapters):
             site.module.register_forward_hook(OutputHook(adapter))
         return adapters
