@@ -116,9 +116,11 @@ def require_training_data(dataset, kind: str, bundle: str) -> None:
         raise DataError(NO_DATASET.format(kind=kind, bundle=bundle, package=PACKAGE))
 
 
-def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2) -> list[dict]:
+def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2, train_fraction: float = 1.0,
+             seed: int = 0) -> list[dict]:
     """Preprocessed cases as MONAI data dicts; a deterministic hold-out of the sorted case ids validates.
-    No work folder, no cases."""
+    ``train_fraction`` < 1 trains on a seeded subset of the training cases, stratified by which foreground
+    classes a case holds (the paper's data-efficiency study, Table 14). No work folder, no cases."""
     if work is None:
         return []
     folder = Path(work) / "preprocessed"
@@ -127,7 +129,36 @@ def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2) -> 
         raise DataError(f"{folder}: needs at least 2 preprocessed cases (found {len(ids)})")
     n_val = max(1, int(round(len(ids) * val_fraction)))
     chosen = ids[-n_val:] if split == "validation" else ids[:-n_val] if split == "training" else ids
+    if split == "training" and float(train_fraction) < 1.0:
+        chosen = training_subset(folder, chosen, float(train_fraction), seed)
     return [{"image": str(folder / f"{i}.npy"), "label": str(folder / f"{i}_seg.npy"), "case_id": i} for i in chosen]
+
+
+def training_subset(folder: Path, ids: list[str], fraction: float, seed: int = 0) -> list[str]:
+    """``fraction`` of ``ids`` (at least one case), drawn with ``seed`` within each stratum of cases holding the
+    same foreground classes (read from the locations preprocessing saved), so rare combinations stay in."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"train_fraction {fraction}: a fraction in (0, 1]")
+    strata: dict[tuple, list[str]] = {}
+    for case in ids:
+        path = folder / f"{case}_locations.npz"
+        classes = ()
+        if path.is_file():
+            with np.load(path) as stored:
+                classes = tuple(sorted(int(k) for k in stored.files if len(stored[k])))
+        strata.setdefault(classes, []).append(case)
+    rng = np.random.default_rng(seed)
+    total = max(1, int(round(len(ids) * fraction)))
+    # each stratum's share, rounded down, then the largest remainders (a stratum left empty by rounding last)
+    shares = {key: len(members) * total / len(ids) for key, members in strata.items()}
+    counts = {key: int(share) for key, share in shares.items()}
+    for key in sorted(shares, key=lambda k: (counts[k] > 0, -(shares[k] - counts[k]), k)):
+        if sum(counts.values()) >= total:
+            break
+        counts[key] += 1
+    chosen = [case for key, members in strata.items()
+              for case in rng.permutation(sorted(members))[:counts[key]].tolist()]
+    return sorted(chosen)
 
 
 def training_plan(dataset_dir: str | None, ckpt_dir: str, kind: str, bundle: str) -> str:

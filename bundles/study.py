@@ -37,7 +37,8 @@ def settings_for(args: argparse.Namespace, method: str) -> dict:
     """Everything that decides a method's result; its hash names the run so a rerun can skip it."""
     return {"bundle": args.bundle, "method": method, "backbone": args.backbone, "dataset_dir": str(args.dataset_dir),
             "network": args.network, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
-            "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed}
+            "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
+            "train_fraction": args.train_fraction}
 
 
 def _key(settings: dict) -> str:
@@ -62,6 +63,7 @@ def train_one(settings: dict, out: Path) -> dict:
                 "method": settings["method"], "backbone": settings["backbone"], "pretrained": settings["pretrained"],
                 "epochs": settings["epochs"], "iterations_per_epoch": settings["iterations_per_epoch"],
                 "batch_size": settings["batch_size"], "val_interval": settings["epochs"], "num_workers": 0,
+                "train_fraction": settings.get("train_fraction", 1.0),
                 "initialize": [f"$monai.utils.set_determinism(seed={int(settings['seed'])})"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "override.json").write_text(json.dumps(override))
@@ -95,6 +97,7 @@ def train_one(settings: dict, out: Path) -> dict:
     summary = parameter_summary(network.module if hasattr(network, "module") else network)
     measured = steps[1:] if len(steps) > 1 else steps  # the first step pays for lazy initialisation
     cases = len(evaluator.data_loader.dataset)
+    training_cases = [item["case_id"] for item in workflow.parser.get_parsed_content("train#dataset").data]
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
     result = {
         "settings": settings, "key": _key(settings), **summary,
@@ -103,7 +106,7 @@ def train_one(settings: dict, out: Path) -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
         "step_time_s": sum(measured) / max(len(measured), 1),
         "inference_time_s": evaluator.state.times.get("COMPLETED", float("nan")) / max(cases, 1),
-        "metrics": metrics,
+        "metrics": metrics, "training_cases": training_cases,
         "region_names": workflow.parser.get_parsed_content("region_names"),
     }
     save_json(out / "result.json", result)
@@ -113,7 +116,9 @@ def train_one(settings: dict, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------ the table
 def _row(result: dict) -> dict:
     metrics, names = result["metrics"], result["region_names"]
-    return {"method": result["method"], "tuned_params": result["tuned"], "percent_of_full": result["percent_of_full"],
+    return {"method": result["method"], "train_fraction": result["settings"].get("train_fraction", 1.0),
+            "training_cases": len(result.get("training_cases", [])),
+            "tuned_params": result["tuned"], "percent_of_full": result["percent_of_full"],
             "inserted_params": result["inserted"], "peak_memory_mb": round(result["peak_memory_mb"], 1),
             "step_time_s": round(result["step_time_s"], 4), "inference_time_s": round(result["inference_time_s"], 3),
             **{f"dice_{n}": round(metrics.get(f"dice_{n}", float("nan")), 4) for n in names},
@@ -207,6 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--pretrained", default=None, help="local backbone weights (.safetensors/.pth/.npz)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_fraction", type=float, default=1.0,
+                        help="train on this fraction of the training cases: a seeded subset, stratified by the "
+                             "foreground classes a case holds (the paper's Table 14)")
     parser.add_argument("--markdown", metavar="PAGE", help="also write the table and plot into this Markdown page's "
                                                            "section for this study (e.g. docs/study.md)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: train one method here

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
+from medtuning.preprocessing.io import DataError
+
 from .conftest import shared_path
 
 BUNDLES = {
@@ -380,6 +382,7 @@ def test_study_writes_table_and_plot_and_resumes(tmp_path):
         assert 0 < int(row["tuned_params"]) and 0 <= float(row["dice_mean"]) <= 1
         assert float(row["peak_memory_mb"]) > 0 and float(row["step_time_s"]) > 0 and float(row["inference_time_s"]) > 0
         assert {"dice_kidney", "dice_tumor"} <= set(row)
+        assert row["train_fraction"] == "1.0" and int(row["training_cases"]) == 8  # the demo's 10 labelled, 2 validate
     assert int(rows["head"]["inserted_params"]) == 0 < int(rows["lora"]["inserted_params"])
     assert int(rows["med_adapter"]["tuned_params"]) == int(rows["head"]["tuned_params"]) + int(
         rows["med_adapter"]["inserted_params"])
@@ -393,3 +396,36 @@ def test_study_writes_table_and_plot_and_resumes(tmp_path):
     assert all((tmp_path / m / "result.json").stat().st_mtime == t for m, t in stamps.items())
     with open(tmp_path / "study.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["head", "lora", "med_adapter", "adaptformer"]
+
+
+def _cases_with_classes(folder, classes_per_case):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, classes in enumerate(classes_per_case):
+        np.savez(folder / f"case_{i:02d}_locations.npz",
+                 **{str(c): np.ones((3, 4), np.int64) if c in classes else np.zeros((0, 4), np.int64) for c in (1, 2)})
+        (folder / f"case_{i:02d}.json").write_text("{}")
+
+
+def test_training_subset_is_seeded_and_keeps_every_stratum(tmp_path):
+    from medtuning.bundles.common import training_subset
+
+    folder = tmp_path / "preprocessed"
+    _cases_with_classes(folder, [(1, 2)] * 16 + [(1,)] * 4)
+    ids = [f"case_{i:02d}" for i in range(20)]
+    half = training_subset(folder, ids, 0.5, seed=0)
+    assert len(half) == 10 and sum(int(c[-2:]) >= 16 for c in half) == 2  # 8 of 16 and 2 of 4
+    assert training_subset(folder, ids, 0.5, seed=0) == half and training_subset(folder, ids, 0.5, seed=1) != half
+    tenth = training_subset(folder, ids, 0.1, seed=0)
+    assert len(tenth) == 2 and sum(int(c[-2:]) >= 16 for c in tenth) == 1  # the rare stratum is kept
+    assert training_subset(folder, ids, 0.01, seed=0) and len(training_subset(folder, ids, 0.01, seed=0)) == 1
+    with pytest.raises(DataError, match="train_fraction 1.5: a fraction in"):
+        training_subset(folder, ids, 1.5)
+
+
+def test_datalist_takes_the_fraction_of_the_training_cases_only(tmp_path):
+    from medtuning.bundles.common import datalist
+
+    _cases_with_classes(tmp_path / "preprocessed", [(1, 2)] * 10)
+    assert len(datalist(tmp_path, "training", 0.2)) == 8
+    assert len(datalist(tmp_path, "training", 0.2, train_fraction=0.25)) == 2
+    assert datalist(tmp_path, "validation", 0.2, train_fraction=0.25) == datalist(tmp_path, "validation", 0.2)
