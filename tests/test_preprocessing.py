@@ -23,7 +23,7 @@ from medtuning.preprocessing.pipeline import plan_dataset, prepare
 from medtuning.preprocessing.planning import load_plan, target_spacing, transpose_for
 from medtuning.preprocessing.preprocessor import case_paths, load_properties, preprocess_dataset, preprocess_images
 
-from .conftest import shared_path
+from .conftest import REPO, shared_path
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -365,3 +365,30 @@ def test_round_trip_of_a_case_whose_thick_axis_is_x_is_voxel_for_voxel(tmp_path)
         _, image_props = preprocess_images(case.images, plan)
         written = write_prediction(tmp_path / f"{case.case_id}.nii.gz", back, image_props, plan)
         np.testing.assert_array_equal(np.asarray(nib.load(str(written)).dataobj), labels[case.case_id])
+
+
+@pytest.mark.parametrize("name", ["brats_like", "ct_aniso"])
+def test_fingerprint_equals_nnunets_own(name):
+    """nnU-Net v2's DatasetFingerprintExtractor on the same files (tests/fixtures/make_nnunet_fingerprint.py wrote
+    its figures): crop, spacing, per-case foreground statistics and the seeded samples' pooled statistics,
+    which set CT normalisation's clipping and the z-score's mean and std."""
+    from medtuning.preprocessing.dataset import CaseFiles
+    from medtuning.preprocessing.fingerprint import MAX_SAMPLES_PER_CASE, case_fingerprint, intensity_statistics
+
+    reference = json.loads((REPO / "tests" / "fixtures" / "nnunet_fingerprint.json").read_text())
+    assert reference["samples"] == MAX_SAMPLES_PER_CASE
+    expected = reference["cases"][name]
+    folder = shared_path("fixtures", "nnunet_parity")
+    spec = json.loads((folder / f"{name}.json").read_text())
+    ours = case_fingerprint(CaseFiles(name, [folder / f for f in spec["images"]], folder / spec["label"]),
+                            MAX_SAMPLES_PER_CASE)
+    assert ours["shape_after_crop"] == expected["shape_after_crop"]
+    np.testing.assert_allclose(ours["spacing"], expected["spacing"], rtol=1e-6)
+    assert ours["relative_size_after_cropping"] == pytest.approx(expected["relative_size_after_cropping"], rel=1e-12)
+    for channel, (stats, want) in enumerate(zip(ours["stats"], expected["case_statistics"])):
+        for key, value in want.items():
+            assert stats[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (channel, key)
+    for channel, samples in enumerate(ours["samples"]):
+        pooled = intensity_statistics(samples)
+        for key, value in expected["foreground_intensity_properties_per_channel"][str(channel)].items():
+            assert pooled[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (channel, key)
