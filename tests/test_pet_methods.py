@@ -177,3 +177,28 @@ def test_adaptformer_adds_a_scaled_relu_bottleneck_of_the_residual_stream_to_the
         mid = x + block.attn.forward(block.norm1.forward(x))
         expected = mid + block.mlp.forward(block.norm2.forward(mid)) + 0.1 * branch.up(torch.relu(branch.down(mid)))
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vpt_shallow", "vpt_deep"])
+def test_vpt_on_vit_is_the_published_prompt_data_flow(method):
+    """VPT (Jia et al. 2022) written out over the frozen backbone's own layers: prompts after the class token (none
+    here, the paper's setting) and the position-embedded patches; shallow carries them through every block, deep
+    replaces them with each block's own before it. The blocks' patch-token outputs must be the network's."""
+    torch.manual_seed(0)
+    net = _randomised(build_network("vit_b16_upernet", method, frozen_precision="float32", **TINY_VIT))
+    vit, prompts = net.backbone, net.vpt
+    slices = torch.randn(8, 4, 32, 32)  # one volume of 8 slices
+    with torch.no_grad():
+        net.context.begin(8)
+        ours = vit.forward_intermediates(slices, list(range(len(vit.blocks))))
+        tokens = vit.patch_embed.proj(slices).flatten(2).transpose(1, 2) + vit.pos_embed
+        prefix = vit.num_prefix_tokens
+        assert prefix == 0 and len(prompts) == (len(vit.blocks) if method == "vpt_deep" else 1)
+        n = prompts[0].shape[1]
+        x = torch.cat([prompts[0].expand(8, -1, -1), tokens], dim=1)
+        for i, block in enumerate(vit.blocks):
+            if method == "vpt_deep":
+                x = torch.cat([prompts[i].expand(8, -1, -1), x[:, n:]], dim=1)
+            x = block.forward(x)  # the block without its hooks
+            expected = x[:, n:].transpose(1, 2).reshape(8, -1, *vit.grid_size)
+            torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
