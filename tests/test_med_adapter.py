@@ -85,6 +85,48 @@ def test_vit_network_matches_reference_adapter_computation():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+def reference_swin_adapter(adapter: MedAdapter, tokens, batch, depth, prev):
+    """The same for Swin's (B*D, h, w, C) tokens, with the reference's inter-stage alignment written out: the
+    previous stage's (B, C'/2, D, 2h, 2w) map through a (1, 3, 3) convolution of stride (1, 2, 2), padding
+    (0, 1, 1); the first stage aligns an all-zero map, which leaves the bias."""
+    x = F.gelu(adapter.down_projection(tokens))
+    bd, h, w, c = x.shape
+    v = x.reshape(batch, depth, h, w, c).permute(0, 4, 1, 2, 3)
+    local = sum(nn.Sequential(*branch)(v) for branch in adapter.branches)
+    local = adapter.mix(local + reference_fft_branch(v, adapter.global_filter.weight, adapter.global_filter.bias))
+    if adapter.inter_stage:
+        if prev is None:
+            aligned = adapter.align.bias.view(1, -1, 1, 1, 1).expand_as(local)
+        else:
+            aligned = F.conv3d(prev, adapter.align.weight, adapter.align.bias, stride=(1, 2, 2), padding=(0, 1, 1))
+        local = adapter.fuse(torch.cat([local, aligned], dim=1))
+    out = (v + local).permute(0, 2, 3, 4, 1).reshape(bd, h, w, c)
+    return tokens + F.gelu(adapter.up_projection(out)), local
+
+
+def test_swin_encoder_matches_reference_adapters_and_strided_alignment():
+    torch.manual_seed(0)
+    net = build_network("swin_unet", "med_adapter", frozen_activations="float32", frozen_precision="float32",
+                        **dict(TINY_SWIN, drop_path_rate=0.0)).eval()
+    for p in net.med_adapter.parameters():
+        p.data.normal_(0, 0.2)
+    slices = torch.randn(2, 4, 8, 64, 64).transpose(1, 2).reshape(16, 4, 64, 64)
+    with torch.no_grad():
+        net.context.begin(depth=8)
+        ours = [x for _, x in net.backbone.forward_stages(slices)]  # adapters through their hooks
+        tokens, prev, adapters, reference = net.backbone.embed(slices), None, iter(net.med_adapter), []
+        for stage in net.backbone.layers:
+            tokens = stage.downsample.forward(tokens)
+            for blk in stage.blocks:
+                adapter = next(adapters)
+                tokens, stage_map = reference_swin_adapter(adapter, blk.forward(tokens), 2, 8, prev)
+                prev = stage_map if adapter.inter_stage else prev
+            reference.append(tokens)
+    assert len(ours) == len(reference) == 4
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,options,shape", [
     ("vit_b16_upernet", TINY_VIT, (2, 4, 8, 32, 32)),
     ("swin_unet", TINY_SWIN, (1, 4, 8, 64, 64)),
