@@ -202,3 +202,24 @@ def test_vpt_on_vit_is_the_published_prompt_data_flow(method):
             x = block.forward(x)  # the block without its hooks
             expected = x[:, n:].transpose(1, 2).reshape(8, -1, *vit.grid_size)
             torch.testing.assert_close(ours[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_equals_hugging_face_peft():
+    """peft's own LoRA (rank 4, alpha 16) on separate q and v layers, saved by tests/fixtures/make_peft_lora.py: the
+    same weights in a block's fused qkv layer and its LoRA module give peft's output."""
+    from safetensors.torch import load_file
+
+    from .conftest import REPO
+
+    reference = load_file(REPO / "tests" / "fixtures" / "peft_lora.safetensors")
+    net = build_network("vit_b16_upernet", "lora", method_options={"rank": 4, "alpha": 16.0}, frozen_precision="float32",
+                        **TINY_VIT).eval()
+    qkv, lora = net.backbone.blocks[0].attn.qkv, net.lora[0]
+    with torch.no_grad():
+        qkv.weight.copy_(reference["qkv.weight"])
+        qkv.bias.copy_(reference["qkv.bias"])
+        for name in ("a_q", "b_q", "a_v", "b_v"):
+            getattr(lora, name).weight.copy_(reference[name])
+        torch.testing.assert_close(qkv(reference["input"]), reference["output"], rtol=1e-5, atol=1e-5)
+        merge_lora(net)  # and folded into the weights for inference
+        torch.testing.assert_close(qkv(reference["input"]), reference["output"], rtol=1e-5, atol=1e-5)
