@@ -223,3 +223,20 @@ def test_lora_equals_hugging_face_peft():
         torch.testing.assert_close(qkv(reference["input"]), reference["output"], rtol=1e-5, atol=1e-5)
         merge_lora(net)  # and folded into the weights for inference
         torch.testing.assert_close(qkv(reference["input"]), reference["output"], rtol=1e-5, atol=1e-5)
+
+
+def test_dvpt_prompts_gather_from_the_tokens_and_the_tokens_read_them_back():
+    """DVPT's paper (He et al. 2023, sec. 3): z = GELU(down(x)); the prompts P query z, giving sample-specific
+    prompts D = softmax(P z^T / sqrt(r)) z; each token reads them, softmax(z D^T / sqrt(r)) D; x + up(that)."""
+    net = _randomised(build_network("vit_b16_upernet", "dvpt", frozen_precision="float32", **TINY_VIT))
+    block, module = net.backbone.blocks[1], net.dvpt[1]
+    x = torch.randn(8, 4, TINY_VIT["embed_dim"])
+    with torch.no_grad():
+        net.context.begin(8)
+        frozen = block.forward(x)  # the block without the hook that adds DVPT
+        z = torch.nn.functional.gelu(module.down(frozen))
+        r = z.shape[-1]
+        prompts = module.prompts.expand(8, -1, -1)
+        dynamic = torch.softmax(prompts @ z.transpose(1, 2) / r ** 0.5, dim=-1) @ z
+        read = torch.softmax(z @ dynamic.transpose(1, 2) / r ** 0.5, dim=-1) @ dynamic
+        torch.testing.assert_close(block(x), frozen + module.up(read), rtol=1e-5, atol=1e-5)
