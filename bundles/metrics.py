@@ -31,20 +31,21 @@ class LabelsToRegionsd(MapTransform):
     def __init__(self, keys: KeysCollection, regions: Sequence[Sequence[int]], allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.regions = [list(r) for r in regions]
+        # label -> its regions, one row per region; labels outside every region (and -1) index the last,
+        # all-zero column
+        self.top = max(v for r in self.regions for v in r) + 1
+        self.table = torch.zeros((len(self.regions), self.top + 1), dtype=torch.float32)
+        for k, region in enumerate(self.regions):
+            self.table[k, region] = 1
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             label = convert_to_tensor(d[key], track_meta=False)
             label = label[0] if label.ndim == 4 else label
-            # one table lookup per voxel (label -> its regions) instead of a search per region; labels outside
-            # every region, and -1, read as background
-            top = max(v for r in self.regions for v in r) + 1
-            index = label.to(torch.long).clamp_(0, top)
-            table = torch.zeros((len(self.regions), top + 1), dtype=torch.float32, device=label.device)
-            for k, region in enumerate(self.regions):
-                table[k, region] = 1
-            d[key] = convert_to_dst_type(table[:, index], d[key], dtype=torch.float32)[0]
+            # one table lookup per voxel instead of a search per region
+            index = label.to(torch.long).clamp_(0, self.top)
+            d[key] = convert_to_dst_type(self.table.to(label.device)[:, index], d[key], dtype=torch.float32)[0]
         return d
 
 

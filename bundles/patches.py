@@ -52,24 +52,21 @@ class Case:
         if image.shape[1:] != label.shape:
             raise DataError(f"{label_path}: shape {label.shape} does not match the image's {image.shape[1:]}")
         locations_path = image_path.with_name(f"{image_path.stem}_locations.npz")
-        locations = {}
-        if locations_path.is_file():
-            with np.load(locations_path) as stored:
-                # nnU-Net keeps (channel, z, y, x) rows: the spatial part is the last three columns
-                locations = {int(key): stored[key][:, -3:] for key in stored.files}
-        else:  # an older preprocessing run: sample them now (once per case, not per patch)
-            from ..preprocessing.case import sample_class_locations
-
-            seg = np.asarray(label)
-            locations = sample_class_locations(seg, [int(v) for v in np.unique(seg) if v > 0])
-        return cls(image, label, locations, str(item.get("case_id", image_path.stem)))
+        case_id = str(item.get("case_id", image_path.stem))
+        if not locations_path.is_file():  # an older preprocessing run: sample them now (once per case, not per patch)
+            return cls.from_arrays(image, label, case_id)
+        with np.load(locations_path) as stored:
+            # nnU-Net keeps (channel, z, y, x) rows: the spatial part is the last three columns
+            locations = {int(key): stored[key][:, -3:] for key in stored.files}
+        return cls(image, label, locations, case_id)
 
     @classmethod
     def from_arrays(cls, image: np.ndarray, label: np.ndarray, case_id: str) -> "Case":
+        """A case held in memory (or mapped) whose foreground locations are sampled here, as preprocessing does."""
         from ..preprocessing.case import sample_class_locations
 
         label = label[0] if label.ndim == 4 else label
-        locations = sample_class_locations(label, [int(v) for v in np.unique(label) if v > 0])
+        locations = sample_class_locations(np.asarray(label), [int(v) for v in np.unique(label) if v > 0])
         return cls(image, label, locations, case_id)
 
     def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +112,10 @@ class TrainingCases(torch.utils.data.Dataset):
     datastore) preprocessed with the plan on first use and kept."""
 
     def __init__(self, data: Sequence[dict], plan_file: str | Path | None = None, cache_rate: float = 0.0):
-        self.data, self.plan_file = list(data), plan_file
+        from .common import LoadCased
+
+        self.data = list(data)
+        self._load_raw = LoadCased(plan_file)  # the same raw-case path validation and MONAI Label take
         cached = int(round(len(self.data) * float(cache_rate)))
         self._cases: dict[int, Case] = {i: self._open(i, in_memory=True) for i in range(cached)}
 
@@ -126,15 +126,8 @@ class TrainingCases(torch.utils.data.Dataset):
         item = self.data[index]
         if str(item["image"]).endswith(".npy"):
             return Case.open(item, in_memory)
-        from ..preprocessing.planning import load_plan
-        from ..preprocessing.preprocessor import preprocess_labelled_images
-        from .common import case_id_of
-
-        if self.plan_file is None:
-            raise DataError(f"{item['image']}: raw NIfTI training cases need the plan (plan_file)")
-        images = [item["image"]] if isinstance(item["image"], (str, Path)) else list(item["image"])
-        image, label = preprocess_labelled_images(images, item["label"], load_plan(self.plan_file))
-        return Case.from_arrays(image, label, str(item.get("case_id", case_id_of(images[0]))))
+        loaded = self._load_raw(item)
+        return Case.from_arrays(loaded["image"], loaded["label"], str(loaded["case_id"]))
 
     def __getitem__(self, index: int) -> Case:
         if index not in self._cases:
