@@ -162,7 +162,10 @@ def publish(paths: dict[str, Path], page: Path, argv: list[str]) -> None:
     with atomic_path(figure) as tmp:
         shutil.copyfile(paths["png"], tmp)
     body = f"![tuned parameters vs mean Dice]({figure.name})\n\n{body}"
-    write_section(page, f"study {command}", title, command, body, page_title="The study")
+    import torch
+
+    write_section(page, f"study {command}", title, command, body, page_title="The study",
+                  device="cuda" if torch.cuda.is_available() else "cpu")  # where train_one measured
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:

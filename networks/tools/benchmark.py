@@ -308,7 +308,8 @@ def write_markdown(args: argparse.Namespace, results: dict, argv: list[str]) -> 
              f"precision {args.frozen_precision}, activations {args.frozen_activations} (bfloat16 native here: "
              f"{'yes' if native_bfloat16(torch.device(args.device).type) else 'no'}).")
     write_section(args.markdown, key, title, command_line("medtuning-benchmark", argv),
-                  markdown_table(header, rows) + "\n\n" + notes, page_title="Benchmarks: full fine-tuning vs Med-Tuning")
+                  markdown_table(header, rows) + "\n\n" + notes, page_title="Benchmarks: full fine-tuning vs Med-Tuning",
+                  device=args.device)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,12 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
 
 
 def write_section(page: str | os.PathLike, key: str, title: str, command: str, body: str,
-                  page_title: str = "Benchmarks") -> Path:
-    """Put ``body`` under ``### title`` into ``page``'s section ``key`` (replacing it, or appended), atomically."""
+                  page_title: str = "Benchmarks", device: str = "cpu") -> Path:
+    """Put ``body`` under ``### title`` into ``page``'s section ``key`` (replacing it, or appended), atomically;
+    the section is stamped with the command, the date and the machine (``device``: what the figures ran on)."""
     page = Path(page)
     begin, end = f"<!-- section: {key} -->", f"<!-- end of section: {key} -->"
-    stamp = f"`{command}`  \n{datetime.date.today().isoformat()}, {machine_of(command)}"
+    stamp = f"`{command}`  \n{datetime.date.today().isoformat()}, {machine(device)}"
     section = f"{begin}\n### {title}\n\n{stamp}\n\n{body.strip()}\n{end}"
     text = page.read_text() if page.is_file() else f"# {page_title}\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
@@ -79,8 +80,3 @@ def write_section(page: str | os.PathLike, key: str, title: str, command: str, b
     with atomic_path(page) as tmp:
         Path(tmp).write_text(text if text.endswith("\n") else text + "\n")
     return page
-
-
-def machine_of(command: str) -> str:
-    device = re.search(r"--device[ =](\S+)", command)
-    return machine(device.group(1) if device else "cpu")
