@@ -75,6 +75,6 @@ def test_two_processes_give_the_gradients_of_one_on_the_whole_batch(tmp_path, na
     deadline = time.monotonic() + 600  # a hang guard: a rank left waiting in a collective fails the test
     while not ranks.join(timeout=5):
         assert time.monotonic() < deadline, "the ranks did not finish"
-    distributed = torch.load(tmp_path / "grads.pt")
+    distributed = torch.load(tmp_path / "grads.pt", weights_only=True)
     expected = tuned_gradients(single)
     torch.testing.assert_close(distributed, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
