@@ -266,17 +266,20 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
     """The Med-Tuning network for patches (D, H, W): D slices of H x W.
 
     ``method_options`` is either the chosen method's options, or options per method name
-    (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods.
+    (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods;
+    ``options`` likewise, per backbone name (the demo configs size each backbone down that way).
     ``pretrained_sha256``, when given, must match the pretrained file. What the network was built as travels with
     it (``network.bundle_settings``): training writes it beside the model, the export reads it.
     """
-    from ..networks import build_network
+    from ..networks import NETWORKS, build_network
     from ..networks.pet import available_methods
 
     method_options = dict(method_options or {})
     if method_options and set(method_options) <= set(available_methods()):
         method_options = dict(method_options.get(method) or {})
     options = dict(options or {})
+    if options and set(options) <= set(NETWORKS):
+        options = dict(options.get(backbone) or {})
     if backbone in ("vit_b16_upernet", "swin_unet"):
         options.setdefault("img_size", int(patch_size[1]))
         options.setdefault("num_slices", int(patch_size[0]))

@@ -5,6 +5,11 @@
   The reference code builds its smoothing convolutions as ``[conv] * 3`` (one module used for all
   three levels), which is what its published parameter counts include; ``share_smooth=True`` keeps
   that, ``False`` gives each level its own.
+* SETR's decoders (Zheng et al. 2021) on the same ViT taps, Med-Tuning's decoder ablation (Table 13):
+  :class:`SETRNaive` (the last block through ``1x1`` conv + BN + ReLU and a ``1x1`` classifier),
+  :class:`SETRPUP` (progressive upsampling: four ``3x3`` conv + BN + ReLU stages, each ``x2``) and
+  :class:`SETRMLA` (multi-level aggregation: every tap normed, projected and summed top-down, then upsampled
+  and concatenated), with the channel widths of SETR's published configurations.
 * :class:`SwinUNetDecoder`, Cao et al.'s Swin-Unet decoder: patch expanding, skip concatenation,
   mirrored Swin blocks, a final x4 expansion and a 1x1 output convolution.
 """
@@ -21,7 +26,8 @@ from .efficiency.fused_head import expand_norm_classify
 from .backbones.layers import drop_path_rates, init_linear
 from .backbones.swin import SwinTransformerBlock
 
-__all__ = ["UPerNet", "ViTUPerNetDecoder", "SwinUNetDecoder", "PatchExpand"]
+__all__ = ["UPerNet", "ViTUPerNetDecoder", "SETRNaive", "SETRPUP", "SETRMLA", "VIT_DECODERS", "SwinUNetDecoder",
+           "PatchExpand"]
 
 
 def conv_bn_act(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:
@@ -92,6 +98,72 @@ class ViTUPerNetDecoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
         feats = [self.reduce(features[0]), *features[1:]]
         return F.interpolate(self.upernet(feats), size=tuple(out_size), mode="bilinear", align_corners=False)
+
+
+def upsampled(logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(out_size):
+        return logits
+    return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+
+
+class SETRNaive(nn.Module):
+    """SETR-Naive: the last tapped block (already through the ViT's final norm) to ``channels`` by a ``1x1``
+    conv + BN + ReLU, a ``1x1`` classifier, then bilinear upsampling to the input."""
+
+    def __init__(self, embed_dim: int, num_features: int, num_classes: int, channels: int = 256) -> None:
+        super().__init__()
+        self.head = nn.Sequential(*conv_bn_act(embed_dim, channels, 1), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return upsampled(self.head(features[-1]), out_size)
+
+
+class SETRPUP(nn.Module):
+    """SETR-PUP: the last tapped block through ``stages`` of ``3x3`` conv + BN + ReLU, each followed by ``x2``
+    bilinear upsampling (four: a 16-pixel patch grid back to the input), then a ``1x1`` classifier."""
+
+    def __init__(self, embed_dim: int, num_features: int, num_classes: int, channels: int = 256,
+                 stages: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(stages):
+            layers += [*conv_bn_act(embed_dim if i == 0 else channels, channels, 3),
+                       nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+        self.up = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return upsampled(self.classifier(self.up(features[-1])), out_size)
+
+
+class SETRMLA(nn.Module):
+    """SETR-MLA: every tapped block LayerNorm-ed and projected to ``channels`` (``1x1``), summed top-down from the
+    deepest, smoothed (``3x3``); each level then through two ``3x3`` conv + BN + ReLU to ``head_channels`` and
+    ``x4`` upsampling, concatenated, a ``1x1`` classifier, and bilinear upsampling to the input."""
+
+    def __init__(self, embed_dim: int, num_features: int, num_classes: int, channels: int = 256,
+                 head_channels: int = 128) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=1e-6) for _ in range(num_features))
+        self.lateral = nn.ModuleList(nn.Conv2d(embed_dim, channels, 1) for _ in range(num_features))
+        self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_features))
+        self.heads = nn.ModuleList(
+            nn.Sequential(*conv_bn_act(channels, head_channels, 3), *conv_bn_act(head_channels, head_channels, 3),
+                          nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False))
+            for _ in range(num_features))
+        self.classifier = nn.Conv2d(num_features * head_channels, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        levels = [lat(norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+                  for norm, lat, f in zip(self.norms, self.lateral, features)]
+        for i in range(len(levels) - 2, -1, -1):  # top-down: each level adds the sum of the deeper ones
+            levels[i] = levels[i] + levels[i + 1]
+        outs = [head(smooth(x)) for head, smooth, x in zip(self.heads, self.smooth, levels)]
+        return upsampled(self.classifier(torch.cat(outs, dim=1)), out_size)
+
+
+VIT_DECODERS: dict[str, type[nn.Module]] = {
+    "upernet": ViTUPerNetDecoder, "setr_naive": SETRNaive, "setr_pup": SETRPUP, "setr_mla": SETRMLA}
 
 
 class PatchExpand(nn.Module):

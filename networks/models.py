@@ -7,6 +7,7 @@ per-slice logits are folded back to ``[B, K, D, H, W]``. Every network exposes
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from monai.networks.nets.swin_unetr import compute_mask, get_window_size
 from torch import nn
 
 from .context import SliceContext
-from .decoders import SwinUNetDecoder, ViTUPerNetDecoder
+from .decoders import VIT_DECODERS, SwinUNetDecoder, ViTUPerNetDecoder
 from .efficiency.frozen_blocks import check_frozen_options, configure_frozen_blocks
 from .pet.base import AdapterSite
 from .backbones.swin import PatchMerging, SwinTransformer
@@ -60,7 +61,9 @@ class SliceVolumeNet(nn.Module):
 class ViTUPerNet(SliceVolumeNet):
     """ViT (timm names) + UPerNet on blocks ``out_indices``, as Med-Tuning's ViT-B/16 setting.
 
-    Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11.
+    Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11. ``decoder`` swaps
+    UPerNet for one of SETR's decoders on the same taps (the paper's Table 13): ``setr_naive``, ``setr_pup``
+    (both read the last tap only) or ``setr_mla``; ``decoder_channels`` is their width too.
     """
 
     # the frozen ViT-B is most of the step's compute: running it again costs ~30 % step time (benchmark)
@@ -69,15 +72,21 @@ class ViTUPerNet(SliceVolumeNet):
     def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
                  num_slices: int | None = None, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool = False,
-                 decoder_channels: int = 256, share_smooth: bool = True, drop_path_rate: float = 0.0) -> None:
+                 decoder_channels: int = 256, share_smooth: bool = True, drop_path_rate: float = 0.0,
+                 decoder: str = "upernet") -> None:
         super().__init__(img_size if num_slices is None else num_slices)
         if max(out_indices) >= depth:
             raise ValueError(f"out_indices {tuple(out_indices)} exceed the {depth} blocks")
+        if decoder not in VIT_DECODERS:
+            raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(VIT_DECODERS)}")
         self.out_indices = tuple(out_indices)
         self.backbone = VisionTransformer(img_size, patch_size, in_channels, embed_dim, depth, num_heads,
                                           class_token=class_token, drop_path_rate=drop_path_rate)
         self.backbone.context = self.context
-        self.decoder = ViTUPerNetDecoder(embed_dim, len(out_indices), num_classes, decoder_channels, share_smooth)
+        if decoder == "upernet":
+            self.decoder = ViTUPerNetDecoder(embed_dim, len(out_indices), num_classes, decoder_channels, share_smooth)
+        else:
+            self.decoder = VIT_DECODERS[decoder](embed_dim, len(out_indices), num_classes, decoder_channels)
 
     def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
         norm_last = self.out_indices[-1] == len(self.backbone.blocks) - 1
@@ -255,6 +264,11 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         cls = NETWORKS[name]
     except KeyError:
         raise ValueError(f"unknown network '{name}'; choose one of {', '.join(NETWORKS)}") from None
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(network_options) - set(accepted))
+    if unknown:
+        raise ValueError(f"network '{name}' has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(p for p in accepted if p != 'self')}")
     model = cls(**network_options)
     method_class = get_method(method)
     if pretrained:

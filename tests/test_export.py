@@ -84,7 +84,7 @@ def test_tuned_only_export_layout(tuned_over_backbone, tmp_path):
         text = config.read_text()
         assert "medtuning." not in text.replace("medtuning.networks.tools.summary", ""), config.name
     inference = json.loads((root / "configs" / "inference.json").read_text())
-    assert demo_override(BRATS, "demo.json")["network_options"].items() <= inference["network_options"].items()
+    assert demo_override(BRATS, "demo.json")["network_options"]["vit_b16_upernet"].items() <= inference["network_options"].items()
     assert inference["pretrained_sha256"] == file_sha256(backbone)
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert "medtuning" not in meta["required_packages_version"]
