@@ -48,8 +48,9 @@ DATA_LICENSES = {
     "msd": "Medical Segmentation Decathlon data (http://medicaldecathlon.com/) are licensed under CC BY-SA 4.0 "
            "(https://creativecommons.org/licenses/by-sa/4.0/); cite Antonelli et al. 2022.",
 }
-# what the configs and MONAI's bundle commands use besides this code's own imports
-CONFIG_PACKAGES = ("tensorboard", "fire", "pytorch-ignite", "PyYAML")  # PyYAML: large_files.yml
+# what the configs, MONAI's bundle commands and the MONAI networks this code builds use besides its own imports
+# (PyYAML: large_files.yml; einops: MONAI's SwinUNETR)
+CONFIG_PACKAGES = ("tensorboard", "fire", "pytorch-ignite", "PyYAML", "einops")
 CODE_REFERENCE = re.compile(rf"(?<![\w.]){PACKAGE}\.(?=({'|'.join(SUBPACKAGES)})\b)")
 
 
