@@ -1,13 +1,16 @@
-"""Compare tuning methods on one dataset for the same budget, the way the paper's Tables 1-3 and Figure 3 do.
+"""Compare tuning methods, or run one of the paper's tables, on one dataset for the same budget.
 
     python -m medtuning.bundles.study --bundle medtuning_brats --methods head,med_adapter,lora,full --work study/
     python -m medtuning.bundles.study --bundle medtuning_kits --dataset_dir /data/kits_work --network paper --epochs 50
+    python -m medtuning.bundles.study --table 12 --work table12/ --epochs 50   # Inter-FI modes, Swin-UNet
 
-Each method trains in its own process through the bundle's own train.json (so peak memory is that
-method's alone) and leaves ``WORK/METHOD/result.json``; a rerun skips methods whose result was made with
-the same settings. Then ``study.csv``, ``study.md`` and ``tradeoff.png`` (tuned parameters vs mean Dice,
-one point per method) are written into WORK. Without ``--dataset_dir`` the bundle's synthetic demo data
-is prepared in ``WORK/data``; with the demo data the bundle's reduced demo network is used by default.
+Each row (a method, or a row of the table: an alpha, stages, a branch, a decoder, a data fraction) trains in its
+own process through the bundle's own train.json (so peak memory is that row's alone) and leaves
+``WORK/ROW/result.json``; a rerun skips rows whose result was made with the same settings. Then ``study.csv``,
+``study.md`` (the table's layout, with the parameter counts at the paper's size beside the paper's own figures)
+and ``tradeoff.png`` (tuned parameters, or the data fraction, vs mean Dice) are written into WORK. Without
+``--dataset_dir`` the bundle's synthetic demo data is prepared in ``WORK/data``; with the demo data the bundle's
+reduced demo network is used by default. ``--dry_run`` prints a table's rows and counts without training.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..preprocessing.io import DataError, atomic_path, save_json
+from .tables import TABLES, PAPER_SIZE, Row, Table, get_table, paper_size_counts
 
 KINDS = {"medtuning_brats": "brats", "medtuning_kits": "kits19"}
 
@@ -33,12 +37,28 @@ def _configs(bundle: str) -> Path:
     return bundle_source(bundle) / "configs"
 
 
-def settings_for(args: argparse.Namespace, method: str) -> dict:
-    """Everything that decides a method's result; its hash names the run so a rerun can skip it."""
-    return {"bundle": args.bundle, "method": method, "backbone": args.backbone, "dataset_dir": str(args.dataset_dir),
+def study_table(args: argparse.Namespace) -> Table:
+    """The rows this study runs: the table's (``--table``), or one per ``--methods`` entry (with the paper's
+    figures for the methods its Tables 1-3 print)."""
+    if args.table:
+        return TABLES[args.table]
+    printed = {row.method: row for row in TABLES["methods"].rows}
+    return Table("methods", "tuning methods", "method", tuple(printed.get(m, Row(m, m)) for m in args.methods),
+                 backbone=args.backbone)
+
+
+def row_folder(row: Row) -> str:
+    return "".join(c if c.isalnum() else "_" for c in row.label.lower()).strip("_").replace("__", "_") or "row"
+
+
+def settings_for(args: argparse.Namespace, row: Row) -> dict:
+    """Everything that decides a row's result; its hash names the run so a rerun can skip it."""
+    return {"bundle": args.bundle, "label": row.label, "method": row.method,
+            "method_options": dict(row.method_options), "network_options": dict(row.network_options),
+            "backbone": args.backbone, "dataset_dir": str(args.dataset_dir),
             "network": args.network, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
             "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-            "train_fraction": args.train_fraction}
+            "train_fraction": args.train_fraction if row.train_fraction is None else row.train_fraction}
 
 
 def _key(settings: dict) -> str:
@@ -59,8 +79,10 @@ def train_one(settings: dict, out: Path) -> dict:
     files = [str(_configs(bundle) / "train.json")]
     if settings["network"] == "demo":
         files.append(str(_configs(bundle) / "demo.json"))
+    method_options, network_options = row_options(files, settings)
     override = {"dataset_dir": settings["dataset_dir"], "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"),
                 "method": settings["method"], "backbone": settings["backbone"], "pretrained": settings["pretrained"],
+                "method_options": {settings["method"]: method_options}, "network_options": network_options,
                 "epochs": settings["epochs"], "iterations_per_epoch": settings["iterations_per_epoch"],
                 "batch_size": settings["batch_size"], "val_interval": settings["epochs"], "num_workers": 0,
                 "train_fraction": settings.get("train_fraction", 1.0),
@@ -113,38 +135,119 @@ def train_one(settings: dict, out: Path) -> dict:
     return result
 
 
+def row_options(files: list[str], settings: dict) -> tuple[dict, dict]:
+    """The bundle's options for the row's method and backbone (e.g. the demo's reduced network), with the row's
+    own options over them."""
+    from monai.bundle import ConfigParser
+
+    from ..networks import NETWORKS
+
+    config = ConfigParser.load_config_files(files)
+    per_method = config.get("method_options") or {}
+    network = dict(config.get("network_options") or {})
+    if network and set(network) <= set(NETWORKS):
+        network = dict(network.get(settings["backbone"]) or {})
+    return ({**(per_method.get(settings["method"]) or {}), **settings["method_options"]},
+            {**network, **settings["network_options"]})
+
+
 # ------------------------------------------------------------------------------------------ the table
-def _row(result: dict) -> dict:
+def paper_columns(row: Row, backbone: str) -> dict:
+    """The row's tuned / inserted parameters at the paper's size and the paper's printed figures (M)."""
+    counted = paper_size_counts(row, backbone)
+    printed = row.paper.get(backbone, {})
+    return {"tuned_params_paper_size": counted["tuned"], "inserted_params_paper_size": counted["inserted"],
+            "paper_tuned_M": printed.get("tuned"), "paper_inserted_M": printed.get("inserted"),
+            "paper_extra_params": row.paper_extra, "note": row.notes.get(backbone, "")}
+
+
+def matches_paper(counted: int, printed: float | None, extra: int = 0) -> bool | None:
+    """Whether a count is the paper's figure: millions to three decimals, within one unit of the last decimal
+    (the paper sometimes adds rounded parts, e.g. Swin VPT-Shallow's 6.752 + 0.001)."""
+    if printed is None:
+        return None
+    return abs((counted + extra) / 1e6 - printed) < 0.0015
+
+
+def _row(table: Table, row: Row, paper: dict, result: dict | None) -> dict:
+    entry = {table.column: row.label}
+    if table.column != "method":
+        entry["method"] = row.method
+    entry["options"] = json.dumps({**row.method_options, **row.network_options}, sort_keys=True)
+    if result is None:  # a dry run: the counts only
+        return {**entry, **paper}
     metrics, names = result["metrics"], result["region_names"]
-    return {"method": result["method"], "train_fraction": result["settings"].get("train_fraction", 1.0),
+    return {**entry, "train_fraction": result["settings"].get("train_fraction", 1.0),
             "training_cases": len(result.get("training_cases", [])),
             "tuned_params": result["tuned"], "percent_of_full": result["percent_of_full"],
-            "inserted_params": result["inserted"], "peak_memory_mb": round(result["peak_memory_mb"], 1),
+            "inserted_params": result["inserted"], **paper, "peak_memory_mb": round(result["peak_memory_mb"], 1),
             "step_time_s": round(result["step_time_s"], 4), "inference_time_s": round(result["inference_time_s"], 3),
             **{f"dice_{n}": round(metrics.get(f"dice_{n}", float("nan")), 4) for n in names},
             "dice_mean": round(metrics.get("dice_mean", float("nan")), 4)}
 
 
-def write_outputs(results: list[dict], work: Path) -> dict[str, Path]:
-    """study.csv, study.md and tradeoff.png from the methods' results."""
-    rows = [_row(r) for r in results]
-    paths = {"csv": work / "study.csv", "md": work / "study.md", "png": work / "tradeoff.png"}
+def _millions(value) -> str:
+    return "" if value is None else f"{value / 1e6:.3f}"
+
+
+def markdown_rows(table: Table, rows: list[dict]) -> list[str]:
+    """The paper's layout: the row, parameters at the paper's size beside the paper's figures, then what the
+    run measured (its own network's tuned parameters, memory, time, Dice per region and mean)."""
+    header = [table.column] + (["method"] if table.column != "method" else [])
+    header += ["tuned (M)", "paper tuned (M)", "inserted (M)", "paper inserted (M)"]
+    measured = [k for k in rows[0] if k in ("train_fraction", "training_cases", "tuned_params", "peak_memory_mb",
+                                             "step_time_s", "inference_time_s") or k.startswith("dice_")]
+    header += measured
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for row in rows:
+        cells = [row[table.column]] + ([row["method"]] if table.column != "method" else [])
+        mark = ""
+        if row["note"]:
+            notes.append(row["note"])
+            mark = f" [{len(notes)}]"
+        cells += [_millions(row["tuned_params_paper_size"]),
+                  ("" if row["paper_tuned_M"] is None else f"{row['paper_tuned_M']:.3f}") + mark,
+                  _millions(row["inserted_params_paper_size"]),
+                  "" if row["paper_inserted_M"] is None else f"{row['paper_inserted_M']:.3f}"]
+        cells += [f"{row[k]:,}" if isinstance(row[k], int) else str(row[k]) for k in measured]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
+    return lines
+
+
+def write_outputs(table: Table, entries: list[tuple[Row, dict, dict | None]], work: Path, backbone: str,
+                  args: argparse.Namespace) -> dict[str, Path]:
+    """study.csv, study.md and (when rows trained) tradeoff.png from the rows' results."""
+    rows = [_row(table, row, paper, result) for row, paper, result in entries]
+    trained = [result for _, _, result in entries if result is not None]
+    paths = {"csv": work / "study.csv", "md": work / "study.md"}
+    work.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths["csv"]) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    first = results[0]
-    settings = first["settings"]
-    lines = [f"# Study: {settings['bundle']}, {settings['backbone']} ({settings['network']} network)", "",
-             f"Budget: {settings['epochs']} epochs x {settings['iterations_per_epoch']} iterations, batch "
-             f"{settings['batch_size']}; data: {settings['dataset_dir']}; pretrained: {settings['pretrained']}; "
-             f"device: {first['device']}; memory: {first['memory_kind']}.", "",
-             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()) + " |" for row in rows]
+    size = ", ".join(f"{k} {v}" for k, v in PAPER_SIZE.items())
+    lines = [f"# Study: {table.title}; {args.bundle}, {backbone} ({args.network} network)", ""]
+    if trained:
+        first = trained[0]
+        settings = first["settings"]
+        lines += [f"Budget: {settings['epochs']} epochs x {settings['iterations_per_epoch']} iterations, batch "
+                  f"{settings['batch_size']}; data: {settings['dataset_dir']}; pretrained: {settings['pretrained']}; "
+                  f"device: {first['device']}; memory: {first['memory_kind']}.", ""]
+    else:
+        lines += ["Dry run: the rows and their parameter counts; nothing trained.", ""]
+    lines += [f"Tuned and inserted parameters in millions at the paper's size ({size}), beside the figures the "
+              "paper prints; `tuned_params` is the network this run trained.", ""]
+    lines += markdown_rows(table, rows)
     with atomic_path(paths["md"]) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
-    _plot(rows, paths["png"], f"{settings['bundle']} · {settings['backbone']} · {settings['epochs']} epochs")
+    if trained:
+        paths["png"] = work / "tradeoff.png"
+        by_fraction = len({r["train_fraction"] for r in rows}) > 1 and len({r["method"] for r in trained}) == 1
+        _plot(rows, paths["png"], f"{args.bundle} · {backbone} · {args.epochs} epochs", table.column,
+              "train_fraction" if by_fraction else "tuned_params")
     return paths
 
 
@@ -168,25 +271,26 @@ def publish(paths: dict[str, Path], page: Path, argv: list[str]) -> None:
                   device="cuda" if torch.cuda.is_available() else "cpu")  # where train_one measured
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], path: Path, title: str, label: str, x_key: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    scale = 1e6 if x_key == "tuned_params" else 1
     for row in rows:
-        x, y = row["tuned_params"] / 1e6, row["dice_mean"]
+        x, y = row[x_key] / scale, row["dice_mean"]
         ax.scatter([x], [y], s=40)
-        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    tuned = [row["tuned_params"] for row in rows]
-    if max(tuned) > 10 * min(tuned):  # full fine-tuning next to PET methods: orders of magnitude apart
+        ax.annotate(row[label], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    tuned = [row[x_key] for row in rows]
+    if x_key == "tuned_params" and max(tuned) > 10 * min(tuned):  # full FT beside PET: orders of magnitude apart
         from matplotlib.ticker import NullFormatter, ScalarFormatter
 
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("tuned parameters (M)")
+    ax.set_xlabel("tuned parameters (M)" if x_key == "tuned_params" else "fraction of the training cases")
     ax.set_ylabel("mean Dice")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -202,9 +306,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="python -m medtuning.bundles.study", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", choices=sorted(KINDS), default="medtuning_brats")
-    parser.add_argument("--methods", default="head,med_adapter,adapter,adaptformer,lora,full",
-                        help=f"comma-separated, from: {', '.join(available_methods())}")
-    parser.add_argument("--backbone", default="vit_b16_upernet", choices=["vit_b16_upernet", "swin_unet"])
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated, from: " + ", ".join(available_methods()) +
+                             " (default: head,med_adapter,adapter,adaptformer,lora,full)")
+    parser.add_argument("--table", default=None, choices=list(TABLES), metavar="N",
+                        help="run the rows of one of the paper's tables: " + "; ".join(
+                            f"{t.key}: {t.title}" for t in TABLES.values()))
+    parser.add_argument("--backbone", default=None, choices=["vit_b16_upernet", "swin_unet"],
+                        help="default: the table's (vit_b16_upernet for --methods)")
     parser.add_argument("--work", type=Path, required=True, help="study folder (results, csv, md, png)")
     parser.add_argument("--dataset_dir", type=Path, default=None, help="a preprocessing work folder (default: demo)")
     parser.add_argument("--network", choices=["demo", "paper"], default=None,
@@ -217,15 +326,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_fraction", type=float, default=1.0,
                         help="train on this fraction of the training cases: a seeded subset, stratified by the "
-                             "foreground classes a case holds (the paper's Table 14)")
+                             "foreground classes a case holds (Table 14 sets its own per row)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="write the rows and their parameter counts (paper size, beside the paper's) only")
     parser.add_argument("--markdown", metavar="PAGE", help="also write the table and plot into this Markdown page's "
                                                            "section for this study (e.g. docs/study.md)")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: train one method here
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: train row N here
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.table and args.methods:
+        parser.error("--table runs the table's own rows; leave out --methods")
+    methods = args.methods or "head,med_adapter,adapter,adaptformer,lora,full"
+    args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(available_methods()))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(available_methods())}")
+    if args.table:
+        try:
+            args.backbone = get_table(args.table, args.backbone)[1]
+        except ValueError as error:
+            parser.error(str(error))
+    args.backbone = args.backbone or "vit_b16_upernet"
     if args.network is None:
         args.network = "paper" if args.dataset_dir else "demo"
     return args
@@ -234,6 +354,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work.resolve()
+    table = study_table(args)
+    if args.dry_run:
+        entries = [(row, paper_columns(row, args.backbone), None) for row in table.rows]
+        paths = write_outputs(table, entries, work, args.backbone, args)
+        print(paths["md"].read_text())
+        return 0
     if args.dataset_dir is None:
         from .common import prepare_demo
 
@@ -241,30 +367,31 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.dataset_dir / "preprocessed" / "plan.json").is_file():
         raise SystemExit(f"error: {args.dataset_dir}: not a preprocessing work folder (no preprocessed/plan.json)")
     args.dataset_dir = args.dataset_dir.resolve()
-    if args.one:
-        train_one(settings_for(args, args.one), work / args.one)
+    if args.one is not None:
+        row = table.rows[args.one]
+        train_one(settings_for(args, row), work / row_folder(row))
         return 0
-    results, failed = [], []
-    for method in args.methods:
-        settings = settings_for(args, method)
-        result_file = work / method / "result.json"
+    entries, failed = [], []
+    for index, row in enumerate(table.rows):
+        settings = settings_for(args, row)
+        result_file = work / row_folder(row) / "result.json"
         if result_file.is_file():
             done = json.loads(result_file.read_text())
             if done.get("key") == _key(settings):
-                print(f"{method}: done before, skipped", flush=True)
-                results.append(done)
+                print(f"{row.label}: done before, skipped", flush=True)
+                entries.append((row, paper_columns(row, args.backbone), done))
                 continue
-        print(f"{method}: training", flush=True)
+        print(f"{row.label}: training", flush=True)
         command = [sys.executable, "-m", __spec__.name, *(argv if argv is not None else sys.argv[1:]),
-                   "--dataset_dir", str(args.dataset_dir), "--network", args.network, "--one", method]
+                   "--dataset_dir", str(args.dataset_dir), "--network", args.network, "--one", str(index)]
         process = subprocess.run(command)
         if process.returncode != 0 or not result_file.is_file():
-            failed.append(method)
-            print(f"{method}: FAILED (exit {process.returncode})", file=sys.stderr, flush=True)
+            failed.append(row.label)
+            print(f"{row.label}: FAILED (exit {process.returncode})", file=sys.stderr, flush=True)
             continue
-        results.append(json.loads(result_file.read_text()))
-    if results:
-        paths = write_outputs(results, work)
+        entries.append((row, paper_columns(row, args.backbone), json.loads(result_file.read_text())))
+    if entries:
+        paths = write_outputs(table, entries, work, args.backbone, args)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.markdown:

@@ -139,11 +139,13 @@ class SETRPUP(nn.Module):
 class SETRMLA(nn.Module):
     """SETR-MLA: every tapped block LayerNorm-ed and projected to ``channels`` (``1x1``), summed top-down from the
     deepest, smoothed (``3x3``); each level then through two ``3x3`` conv + BN + ReLU to ``head_channels`` and
-    ``x4`` upsampling, concatenated, a ``1x1`` classifier, and bilinear upsampling to the input."""
+    ``x4`` upsampling, concatenated, a ``1x1`` classifier, and bilinear upsampling to the input. ``head_channels``
+    is half of ``channels`` unless given (SETR's 256 and 128)."""
 
     def __init__(self, embed_dim: int, num_features: int, num_classes: int, channels: int = 256,
-                 head_channels: int = 128) -> None:
+                 head_channels: int | None = None) -> None:
         super().__init__()
+        head_channels = head_channels or channels // 2
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=1e-6) for _ in range(num_features))
         self.lateral = nn.ModuleList(nn.Conv2d(embed_dim, channels, 1) for _ in range(num_features))
         self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_features))

@@ -101,3 +101,22 @@ def test_the_plain_bottleneck_computes_its_formula():
 def test_bad_ablation_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         build_network("swin_unet", "med_adapter", method_options=options, **TINY_SWIN)
+
+
+@pytest.mark.parametrize("decoder", ["upernet", "setr_naive", "setr_pup", "setr_mla"])
+def test_every_vit_decoder_trains_with_med_adapters(decoder):
+    # Table 13: the decoders take the same taps; logits at the input's size; the decoder and adapters learn
+    torch.manual_seed(0)
+    net = build_network("vit_b16_upernet", "med_adapter", decoder=decoder, **TINY_VIT).train()
+    out = net(torch.randn(1, 4, 8, 32, 32))
+    assert out.shape == (1, 4, 8, 32, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.decoder.parameters())
+    assert all(p.grad is not None for p in net.med_adapter.parameters())
+
+
+def test_decoder_is_a_vit_option_only():
+    with pytest.raises(ValueError, match="decoder 'fpn': choose one of upernet, setr_naive, setr_pup, setr_mla"):
+        build_network("vit_b16_upernet", "med_adapter", decoder="fpn", **TINY_VIT)
+    with pytest.raises(ValueError, match="network 'swin_unet' has no option.s. decoder; its options: in_channels"):
+        build_network("swin_unet", "med_adapter", decoder="setr_naive", **TINY_SWIN)
