@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..preprocessing.io import DataError, atomic_path, save_json
@@ -41,7 +42,10 @@ def study_table(args: argparse.Namespace) -> Table:
     """The rows this study runs: the table's (``--table``), or one per ``--methods`` entry (with the paper's
     figures for the methods its Tables 1-3 print)."""
     if args.table:
-        return TABLES[args.table]
+        table = TABLES[args.table]
+        if args.rows:
+            table = replace(table, rows=tuple(table.rows[i - 1] for i in args.rows))
+        return table
     printed = {row.method: row for row in TABLES["methods"].rows}
     return Table("methods", "tuning methods", "method", tuple(printed.get(m, Row(m, m)) for m in args.methods),
                  backbone=args.backbone)
@@ -327,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_fraction", type=float, default=1.0,
                         help="train on this fraction of the training cases: a seeded subset, stratified by the "
                              "foreground classes a case holds (Table 14 sets its own per row)")
+    parser.add_argument("--rows", default=None, metavar="I,J",
+                        help="run only these rows of the table (1-based, comma-separated), e.g. to rerun one")
     parser.add_argument("--dry_run", action="store_true",
                         help="write the rows and their parameter counts (paper size, beside the paper's) only")
     parser.add_argument("--markdown", metavar="PAGE", help="also write the table and plot into this Markdown page's "
@@ -345,6 +351,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.backbone = get_table(args.table, args.backbone)[1]
         except ValueError as error:
             parser.error(str(error))
+    if args.rows:
+        count = len(TABLES[args.table].rows) if args.table else 0
+        try:
+            args.rows = [int(i) for i in args.rows.split(",") if i.strip()]
+        except ValueError:
+            parser.error(f"--rows {args.rows!r}: row numbers, e.g. 1,3")
+        if not args.table or not args.rows or not all(1 <= i <= count for i in args.rows):
+            parser.error(f"--rows takes row numbers of --table, 1 to {count}" if args.table else
+                         "--rows selects rows of --table; use --methods to choose methods")
     args.backbone = args.backbone or "vit_b16_upernet"
     if args.network is None:
         args.network = "paper" if args.dataset_dir else "demo"

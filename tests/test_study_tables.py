@@ -90,6 +90,8 @@ def test_a_study_of_methods_shows_the_paper_s_figures_too(tmp_path):
     (["--table", "13", "--backbone", "swin_unet"], "runs on vit_b16_upernet, not swin_unet"),
     (["--table", "99"], "invalid choice: '99'"),
     (["--table", "4", "--methods", "head"], "--table runs the table's own rows; leave out --methods"),
+    (["--table", "4", "--rows", "0,2"], "--rows takes row numbers of --table, 1 to 4"),
+    (["--rows", "1"], "--rows selects rows of --table"),
 ])
 def test_bad_table_requests_are_named(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -97,25 +99,39 @@ def test_bad_table_requests_are_named(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from medtuning.bundles.common import prepare_demo
+
+    return {kind: prepare_demo(kind, tmp_path_factory.mktemp(kind)) for kind in ("brats", "kits19")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("key,bundle", [("13", "medtuning_brats"), ("12", "medtuning_kits")])
-def test_a_table_trains_its_rows_on_the_demo_and_resumes(tmp_path, key, bundle):
+@pytest.mark.parametrize("key", list(TABLES))
+def test_each_table_trains_on_the_demo_and_resumes(tmp_path, demo_data, key):
+    # tables 12 and 13 whole, the others their first two rows (every row's layout and counts: the dry runs above)
     table = TABLES[key]
-    args = ["--table", key, "--bundle", bundle, "--work", str(tmp_path), "--epochs", "1", "--iterations", "1"]
+    bundle, kind = ("medtuning_kits", "kits19") if key == "12" else ("medtuning_brats", "brats")
+    rows_asked = [] if key in ("12", "13") else ["--rows", "1,2"]
+    args = ["--table", key, "--bundle", bundle, "--work", str(tmp_path), "--epochs", "1", "--iterations", "1",
+            "--dataset_dir", str(demo_data[kind]), "--network", "demo", *rows_asked]
     assert study(args) == 0
     rows = read_csv(tmp_path / "study.csv")
+    expected = table.rows if not rows_asked else table.rows[:2]
     counts, _ = dry_run(tmp_path, key)
-    assert [r[table.column] for r in rows] == [row.label for row in table.rows]
+    assert [r[table.column] for r in rows] == [row.label for row in expected]
     for row, dry in zip(rows, counts):
         assert row["tuned_params_paper_size"] == dry["tuned_params_paper_size"]
         assert 0 < int(row["tuned_params"]) < int(row["tuned_params_paper_size"])  # the demo network is smaller
         assert 0 <= float(row["dice_mean"]) <= 1 and float(row["step_time_s"]) > 0
-    # each row trained what it says: distinct options give distinct trained networks
-    assert len({r["tuned_params"] for r in rows}) >= len(rows) - 1  # Inter-FI add and max share their count
+    if key == "14":  # each row trained on its own seeded, stratified share of the demo's 8 training cases
+        assert [int(r["training_cases"]) for r in rows] == [1, 2]
+    else:  # each row trained what it says: distinct options give distinct networks (Inter-FI add and max tie)
+        assert len({r["tuned_params"] for r in rows}) >= len(rows) - (key == "12")
     page = (tmp_path / "study.md").read_text()
     assert page.startswith(f"# Study: {table.title}; {bundle}, {table.backbone} (demo network)")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/result.json")}
-    assert len(stamps) == len(table.rows)
+    assert len(stamps) == len(expected)
     assert study(args) == 0
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
