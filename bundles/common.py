@@ -262,14 +262,16 @@ def check_backbone_file(path: str | Path, sha256: str | None = None, url: str | 
 
 def build_bundle_network(backbone: str, method: str, pretrained: str | None, method_options: dict | None,
                          in_channels: int, num_classes: int, patch_size: Sequence[int], options: dict | None = None,
-                         pretrained_sha256: str | None = None):
+                         pretrained_sha256: str | None = None, dropout: float = 0.0):
     """The Med-Tuning network for patches (D, H, W): D slices of H x W.
 
     ``method_options`` is either the chosen method's options, or options per method name
     (``{"med_adapter": {"reduction": 6}, "lora": {"rank": 8}}``) so that ``--method`` alone switches methods;
     ``options`` likewise, per backbone name (the demo configs size each backbone down that way).
     ``pretrained_sha256``, when given, must match the pretrained file. What the network was built as travels with
-    it (``network.bundle_settings``): training writes it beside the model, the export reads it.
+    it (``network.bundle_settings``): training writes it beside the model, the export reads it. ``dropout`` > 0
+    adds Monte Carlo dropout before the decoder (:func:`add_mc_dropout`), which MONAI Label's epistemic scoring asks
+    for; it has no parameters, so the trained weights load as they are.
     """
     from ..networks import NETWORKS, build_network
     from ..networks.pet import available_methods
@@ -291,10 +293,33 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
         backbone_file = {"file": path.name, "sha256": pretrained_sha256 or file_sha256(path)}
     network = build_network(backbone, method, pretrained=pretrained, method_options=method_options or None,
                             in_channels=in_channels, num_classes=num_classes, **options)
+    if dropout:
+        add_mc_dropout(network, dropout)
     network.bundle_settings = {
         "backbone": backbone, "method": method, "method_options": method_options, "options": options,
         "in_channels": int(in_channels), "num_classes": int(num_classes), "patch_size": [int(v) for v in patch_size],
         "pretrained": backbone_file}
+    return network
+
+
+def add_mc_dropout(network: torch.nn.Module, p: float) -> torch.nn.Module:
+    """Dropout with probability ``p`` on the decoder's inputs (SwinUNETR: on its output block's), active while the
+    network is in training mode: MONAI Label's epistemic scoring runs a network several times in that mode and
+    ranks unlabelled images by how much the outputs differ."""
+    import torch.nn.functional as F
+
+    if not 0 < p < 1:
+        raise ValueError(f"dropout {p}: a probability between 0 and 1")
+    head = network.decoder if hasattr(network, "decoder") else network.out
+
+    def drop(value, training: bool):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return F.dropout(value, p, training)
+        if isinstance(value, (list, tuple)):
+            return type(value)(drop(v, training) for v in value)
+        return value
+
+    head.register_forward_pre_hook(lambda module, args: tuple(drop(a, module.training) for a in args))
     return network
 
 
@@ -389,6 +414,25 @@ class BestModel:
                 self.evaluator.state.metrics = dict(self.last[0])
 
 
+def stop_loader_workers(loader) -> None:
+    """End a finished run's persistent DataLoader workers now: in a long-lived process (a MONAI Label server trains
+    in its own) they would otherwise live, holding memory and cases, until the loader is garbage-collected."""
+    iterator = getattr(loader, "_iterator", None)  # torch keeps persistent workers' iterator here
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+def starts_from_a_given_model(engine: Engine) -> bool:
+    """Whether the run loads a model when it starts (a MONAI ``CheckpointLoader``, as MONAI Label adds to fine-tune
+    the bundle's ``models/model.pt`` on new labels): that is a new run from that model, not the resumption of the
+    run whose checkpoints the folder holds (which, finished, would leave nothing to train)."""
+    from monai.handlers import CheckpointLoader
+
+    # ignite keeps (handler, args, kwargs) per event; CheckpointLoader attaches itself at STARTED
+    return any(isinstance(handler, CheckpointLoader) for handler, *_ in engine._event_handlers.get(Events.STARTED, []))
+
+
 class TrainingCheckpoint:
     """Resume a killed run where its last finished epoch left it: a kill costs at most the epoch in progress.
 
@@ -397,7 +441,8 @@ class TrainingCheckpoint:
     the network is. It is written to a temporary file, synced and renamed into place; the previous epoch's file is
     deleted only then. On resume a file that cannot be read is named, set aside (``.corrupt``) and the one before
     it used. Each epoch's randomness is seeded from (seed, epoch), so a resumed run goes on exactly as the
-    uninterrupted one would have. The folder is held by the run (a second run into it is refused).
+    uninterrupted one would have. The folder is held by the run (a second run into it is refused). A run that loads
+    a model when it starts (MONAI Label's fine-tuning of ``models/model.pt``) is a new run, not a resumption.
     """
 
     def __init__(self, ckpt_dir: str, network, optimizer, lr_scheduler=None, plan_file: str | Path | None = None,
@@ -431,7 +476,7 @@ class TrainingCheckpoint:
             self._lock.__enter__()
             remove_stale_temporaries(self.ckpt_dir)  # a killed write's, never a live run's: the folder is ours
             self._keep_plan()
-        resumed = self._newest_readable()
+        resumed = None if starts_from_a_given_model(engine) else self._newest_readable()
         if resumed is not None:
             self._resume(engine, *resumed)
             if is_main_process():  # superseded: a kill after a new file was complete can leave the one before it
@@ -444,6 +489,7 @@ class TrainingCheckpoint:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
 
     def _release(self, engine: Engine, *_) -> None:
+        stop_loader_workers(getattr(engine, "data_loader", None))
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None
@@ -525,6 +571,28 @@ def saved_network_settings(models: str | Path) -> dict | None:
     """What the model in ``models/`` was built as (``network.json``, written by training), if it says."""
     path = Path(models) / NETWORK_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+TRAINED_KEYS = {"network_options": "options"}  # config key -> network.json key where they differ
+
+
+def trained_setting(models: str | Path, key: str, default):
+    """The config value ``key`` as the model in ``models/`` was trained with (``network.json``), else ``default``.
+
+    The configs take their network settings from here, so a bundle serves (and MONAI Label fine-tunes) the network
+    its ``models/`` holds, demo-size or paper-size or another method, without editing a config; a value given on
+    the command line still wins. A network.json that cannot be read is one error naming it."""
+    path = Path(models) / NETWORK_FILE
+    if not path.is_file():
+        return default
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable as the trained network's settings ({error})") from None
+    value = settings.get(TRAINED_KEYS.get(key, key), default)
+    if key == "method_options" and "method" in settings:
+        value = {settings["method"]: value}  # the configs keep options per method
+    return value
 
 
 def load_model(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:

@@ -227,6 +227,15 @@ Code: Apache-2.0 (`LICENSE`). Data: `docs/data_license.txt`. {meta.get('intended
 """
 
 
+def written_labels(plan_file: Path) -> dict[str, str]:
+    """The label values the bundle writes (the dataset's own: BraTS 0/1/2/4, an MSD task's) and their names, from
+    the plan it was trained with: the output's ``channel_def``, from which MONAI Label lists the model's labels."""
+    plan = json.loads(plan_file.read_text())
+    names = sorted(plan["labels"].items(), key=lambda item: item[1])
+    values = plan.get("original_label_values") or [value for _, value in names]
+    return {str(int(values[index])): name for name, index in names}
+
+
 # ------------------------------------------------------------------------------------------------ export
 def export_bundle(name: str, out: str | Path, models: str | Path | None = None, full: bool = False,
                   backbone_url: str | None = None) -> Path:
@@ -277,6 +286,8 @@ def export_bundle(name: str, out: str | Path, models: str | Path | None = None, 
                 text = json.dumps(content, indent=1, ensure_ascii=False) + "\n"
             config.write_text(text)
         meta.update(environment_versions(code))
+        if trained and (models / "plan.json").is_file():
+            meta["network_data_format"]["outputs"]["pred"]["channel_def"] = written_labels(models / "plan.json")
         if settings:
             for port in ("inputs", "outputs"):
                 for spec in meta["network_data_format"][port].values():

@@ -83,7 +83,7 @@ def train_one(settings: dict, out: Path) -> dict:
     files = [str(_configs(bundle) / "train.json")]
     if settings["network"] == "demo":
         files.append(str(_configs(bundle) / "demo.json"))
-    method_options, network_options = row_options(files, settings)
+    method_options, network_options = row_options(files, settings, out / "models")
     override = {"dataset_dir": settings["dataset_dir"], "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"),
                 "method": settings["method"], "backbone": settings["backbone"], "pretrained": settings["pretrained"],
                 "method_options": {settings["method"]: method_options}, "network_options": network_options,
@@ -139,16 +139,17 @@ def train_one(settings: dict, out: Path) -> dict:
     return result
 
 
-def row_options(files: list[str], settings: dict) -> tuple[dict, dict]:
+def row_options(files: list[str], settings: dict, ckpt_dir: Path) -> tuple[dict, dict]:
     """The bundle's options for the row's method and backbone (e.g. the demo's reduced network), with the row's
     own options over them."""
     from monai.bundle import ConfigParser
 
     from ..networks import NETWORKS
 
-    config = ConfigParser.load_config_files(files)
-    per_method = config.get("method_options") or {}
-    network = dict(config.get("network_options") or {})
+    config = ConfigParser(ConfigParser.load_config_files(files))
+    config["ckpt_dir"] = str(ckpt_dir)  # the row's own models/, not a model the bundle folder may hold
+    per_method = config.get_parsed_content("method_options") or {}
+    network = dict(config.get_parsed_content("network_options") or {})
     if network and set(network) <= set(NETWORKS):
         network = dict(network.get(settings["backbone"]) or {})
     return ({**(per_method.get(settings["method"]) or {}), **settings["method_options"]},

@@ -299,6 +299,25 @@ class FolderBusy(DataError):
     """Another live run holds the folder."""
 
 
+_HELD_LOCKS: set = set()  # lock files this process holds (folder_lock)
+
+
+def _close_inherited_locks() -> None:
+    # A forked child (a DataLoader or pool worker) gets a copy of the lock's descriptor, and a flock lasts until every
+    # copy is closed: a worker outliving its run (persistent workers in a long-lived process such as a MONAI Label
+    # server) would hold the folder after the run ended. The child never needs the lock, so it closes its copies.
+    for handle in list(_HELD_LOCKS):
+        try:
+            handle.close()
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold ``folder`` for this run: a second run that asks for it gets one clear error and touches nothing.
@@ -324,8 +343,10 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
+        _HELD_LOCKS.add(handle)
         yield folder
     finally:
+        _HELD_LOCKS.discard(handle)
         handle.close()
 
 

@@ -244,6 +244,30 @@ def test_second_preprocessing_run_into_a_held_folder_touches_nothing(raw_and_pla
         assert sorted(p.name for p in out.iterdir()) == [".medtuning.lock", in_progress.name]
 
 
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_forked_worker_does_not_keep_a_finished_run_s_folder(tmp_path):
+    """A run's DataLoader workers are forked while it holds its folder; persistent ones can outlive the run in a
+    long-lived process (a MONAI Label server trains in its own process). The next run must get the folder."""
+    from medtuning.preprocessing.io import FolderBusy, folder_lock
+
+    with folder_lock(tmp_path, "training run"):
+        worker = multiprocessing.get_context("fork").Process(target=_sleep, args=(30,))
+        worker.start()
+        with pytest.raises(FolderBusy):  # the lock still holds for anyone else while the run lasts
+            with folder_lock(tmp_path, "training run"):
+                pass
+    try:
+        assert worker.is_alive()
+        with folder_lock(tmp_path, "training run"):  # the run ended; its worker lives on, holding nothing
+            pass
+    finally:
+        worker.kill()
+        worker.join()
+
+
 def test_failed_conversion_leaves_no_raw_folder(tmp_path):
     from medtuning.preprocessing.convert import convert_dataset
     from medtuning.preprocessing.demo import make_brats
