@@ -244,7 +244,8 @@ def test_second_preprocessing_run_into_a_held_folder_touches_nothing(raw_and_pla
         assert sorted(p.name for p in out.iterdir()) == [".medtuning.lock", in_progress.name]
 
 
-def _sleep(seconds: float) -> None:
+def _start_then_sleep(started, seconds: float) -> None:
+    started.set()
     time.sleep(seconds)
 
 
@@ -254,8 +255,11 @@ def test_a_forked_worker_does_not_keep_a_finished_run_s_folder(tmp_path):
     from medtuning.preprocessing.io import FolderBusy, folder_lock
 
     with folder_lock(tmp_path, "training run"):
-        worker = multiprocessing.get_context("fork").Process(target=_sleep, args=(30,))
+        context = multiprocessing.get_context("fork")
+        started = context.Event()
+        worker = context.Process(target=_start_then_sleep, args=(started, 30))
         worker.start()
+        assert started.wait(60)  # the worker runs (the lock as it inherited it: fork's hooks have run)
         with pytest.raises(FolderBusy):  # the lock still holds for anyone else while the run lasts
             with folder_lock(tmp_path, "training run"):
                 pass
