@@ -88,6 +88,9 @@ def test_tuned_only_export_layout(tuned_over_backbone, tmp_path):
     assert inference["pretrained_sha256"] == file_sha256(backbone)
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert "medtuning" not in meta["required_packages_version"]
+    # the labels MONAI Label lists: the values the model writes, named as in the plan it was trained with
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "necrosis", "2": "edema", "4": "enhancing"}
     assert {"nibabel", "safetensors", "pytorch-ignite", "scipy"} <= set(meta["required_packages_version"])
     schema = tmp_path / "schema.json"
     shutil.copy(shared_path("monai", "meta_schema_20240725.json"), schema)
@@ -96,6 +99,14 @@ def test_tuned_only_export_layout(tuned_over_backbone, tmp_path):
     for section in ("# Model Overview", "## Data", "## Training configuration", "## Performance",
                     "## MONAI Bundle Commands", "# References", "# License"):
         assert section in readme
+
+
+def test_an_msd_task_s_labels_come_from_its_plan(tmp_path):
+    from medtuning.bundles.export import written_labels
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"labels": {"background": 0, "cancer": 1}, "original_label_values": [0, 1]}))
+    assert written_labels(plan) == {"0": "background", "1": "cancer"}
 
 
 def test_untrained_export_says_so(tmp_path):
