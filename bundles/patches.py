@@ -70,12 +70,14 @@ class Case:
         return cls(image, label, locations, case_id)
 
     def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The box ``[lower, lower + size)`` as float32 image ``(C, *size)`` and label ``(*size)``; what lies outside
-        the case is zero (image) and background (label). One copy from the file's pages; only the padding is filled."""
+        """The box ``[lower, lower + size)`` as float32 image ``(C, *size)`` and uint8 label ``(*size)``; what lies
+        outside the case is zero (image) and background (label). One copy from the file's pages; only the padding is
+        filled. The label stays a byte per voxel until the label transforms: flipping it is then a quarter of the
+        work, and the region channels are made from it directly."""
         inside = tuple(slice(max(lo, 0), min(lo + n, s)) for lo, n, s in zip(lower, size, self.shape))
         target = tuple(slice(sl.start - lo, sl.stop - lo) for sl, lo in zip(inside, lower))
         image = np.empty((self.image.shape[0], *size), dtype=np.float32)
-        label = np.empty(tuple(size), dtype=np.float32)
+        label = np.empty(tuple(size), dtype=np.uint8)
         for axis, part in enumerate(target):  # the padding, slab by slab
             for start, stop in ((0, part.start), (part.stop, size[axis])):
                 if start < stop:
@@ -83,8 +85,7 @@ class Case:
                     image[(slice(None), *box)] = 0
                     label[box] = 0
         image[(slice(None), *target)] = self.image[(slice(None), *inside)]
-        label[target] = self.label[inside]
-        np.maximum(label[target], 0, out=label[target])  # -1 (outside the nonzero mask) is background
+        np.maximum(self.label[inside], 0, out=label[target], casting="unsafe")  # -1 (outside the mask): background
         return image, label
 
 

@@ -8,6 +8,13 @@ config's ``$import medtuning`` costs nothing until it names one of them.
 from __future__ import annotations
 
 import importlib
+import os
+
+# Large CPU tensors on transparent huge pages. Every training patch (4 x 128^3 float32, 32 MiB) is written into fresh
+# memory at each augmentation step, and faulting that memory in 4 KiB pages costs more than the arithmetic (about
+# three times, measured by medtuning.bundles.benchmark_loader). PyTorch reads this once, at its first CPU
+# allocation, so it takes effect where medtuning is imported first, as in the bundles; a value the user set wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.2.0"
 __all__ = ["networks", "preprocessing", "bundles", "__version__"]

@@ -44,6 +44,19 @@ def test_brats_regions_are_et_tc_wt():
     assert torch.equal(regions, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int64, torch.float32])
+def test_regions_are_the_same_whatever_the_label_s_type(dtype):
+    # training patches carry a byte per voxel, validation labels come as MONAI loads them; -1 (outside the
+    # nonzero mask) is background
+    train = config("medtuning_brats", "train")
+    labels = brats_map()
+    signed = labels.clone()
+    signed[0, 0] = -1 if dtype != torch.uint8 else 0
+    regions = LabelsToRegionsd("label", train["regions"])({"label": signed.to(dtype)})["label"]
+    expected = torch.stack([signed[0] == 3, (signed[0] == 1) | (signed[0] == 3), signed[0] > 0]).float()
+    assert regions.dtype == torch.float32 and torch.equal(regions, expected)
+
+
 def test_brats_regions_paint_back_into_the_labels_they_came_from():
     train, infer = config("medtuning_brats", "train"), config("medtuning_brats", "inference")
     labels = brats_map()
