@@ -260,6 +260,18 @@ def check_backbone_file(path: str | Path, sha256: str | None = None, url: str | 
     return path
 
 
+def options_for(options: dict | None, name: str) -> dict:
+    """``options`` for the method or backbone ``name``: the configs give them either for the chosen one alone or
+    keyed by method (backbone) name, so that ``--method`` (``--backbone``) alone switches."""
+    from ..networks import NETWORKS
+    from ..networks.pet import available_methods
+
+    options = dict(options or {})
+    if options and (set(options) <= set(available_methods()) or set(options) <= set(NETWORKS)):
+        return dict(options.get(name) or {})
+    return options
+
+
 def build_bundle_network(backbone: str, method: str, pretrained: str | None, method_options: dict | None,
                          in_channels: int, num_classes: int, patch_size: Sequence[int], options: dict | None = None,
                          pretrained_sha256: str | None = None, dropout: float = 0.0):
@@ -273,15 +285,10 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
     adds Monte Carlo dropout before the decoder (:func:`add_mc_dropout`), which MONAI Label's epistemic scoring asks
     for; it has no parameters, so the trained weights load as they are.
     """
-    from ..networks import NETWORKS, build_network
-    from ..networks.pet import available_methods
+    from ..networks import build_network
 
-    method_options = dict(method_options or {})
-    if method_options and set(method_options) <= set(available_methods()):
-        method_options = dict(method_options.get(method) or {})
-    options = dict(options or {})
-    if options and set(options) <= set(NETWORKS):
-        options = dict(options.get(backbone) or {})
+    method_options = options_for(method_options, method)
+    options = options_for(options, backbone)
     if backbone in ("vit_b16_upernet", "swin_unet"):
         options.setdefault("img_size", int(patch_size[1]))
         options.setdefault("num_slices", int(patch_size[0]))

@@ -144,16 +144,13 @@ def row_options(files: list[str], settings: dict, ckpt_dir: Path) -> tuple[dict,
     own options over them."""
     from monai.bundle import ConfigParser
 
-    from ..networks import NETWORKS
+    from .common import options_for
 
     config = ConfigParser(ConfigParser.load_config_files(files))
     config["ckpt_dir"] = str(ckpt_dir)  # the row's own models/, not a model the bundle folder may hold
-    per_method = config.get_parsed_content("method_options") or {}
-    network = dict(config.get_parsed_content("network_options") or {})
-    if network and set(network) <= set(NETWORKS):
-        network = dict(network.get(settings["backbone"]) or {})
-    return ({**(per_method.get(settings["method"]) or {}), **settings["method_options"]},
-            {**network, **settings["network_options"]})
+    method = options_for(config.get_parsed_content("method_options"), settings["method"])
+    network = options_for(config.get_parsed_content("network_options"), settings["backbone"])
+    return {**method, **settings["method_options"]}, {**network, **settings["network_options"]}
 
 
 # ------------------------------------------------------------------------------------------ the table
