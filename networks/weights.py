@@ -1,4 +1,9 @@
-"""Pretrained weights from local files only: ``.safetensors``, ``.pth``/``.pt`` and Google ViT ``.npz``.
+"""Pretrained weights from local files only: ``.safetensors``, ``.pth``/``.pt``/``.pth.tar``, TorchScript archives
+(OpenAI's CLIP) and Google ViT ``.npz``.
+
+:func:`backbone_from_checkpoint` builds the backbone a file needs (the release is recognised by
+:mod:`.releases`: timm, Google, CLIP, MAE, MoCo v3, DINOv2, SAM) and loads it;
+:func:`load_backbone_weights` loads a file into a backbone already built.
 
 Nothing here reaches for the network. Every load returns a :class:`LoadReport` naming the keys that
 were missing, unexpected or resized; a file that cannot be read, holds pickled Python objects, or
@@ -18,20 +23,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones.layers import adapt_input_conv, resample_abs_pos_embed, resize_rel_pos_bias_table
+from .backbones import build_backbone
+from .backbones.layers import adapt_input_conv, resize_rel_pos_bias_table
+from .backbones.pos_embed import resize_grid, resize_pos_embed
+from .backbones.sam import SamViT
 from .backbones.swin import SwinTransformer
-from .backbones.vit import VisionTransformer
+from .backbones.vit import VIT_FAMILIES, VisionTransformer
+from .releases import Release, identify_release, vit_sizes
 
 __all__ = [
     "LoadReport",
     "WeightLoadError",
     "read_checkpoint",
+    "read_release",
+    "backbone_from_checkpoint",
     "load_backbone_weights",
-    "convert_vit_checkpoint",
+    "load_release",
     "convert_swin_checkpoint",
 ]
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # MoCo v3 publishes .pth.tar
 MIN_MATCH_FRACTION = 0.5  # below this share of the backbone's keys, the file is another architecture
 
 
@@ -48,6 +59,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     resized: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    not_used: dict[str, str] = field(default_factory=dict)  # parts of the release the backbone does not need
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)"]
@@ -55,8 +68,11 @@ class LoadReport:
                              ("ignored non-tensor entries", self.ignored)):
             if items:
                 lines.append(f"  {title}: {len(items)}: " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+        for what, count in self.not_used.items():
+            lines.append(f"  not used: {what} ({count})")
         for key, how in self.resized.items():
             lines.append(f"  resized {key}: {how}")
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -77,7 +93,7 @@ def _flatten(obj: object, ignored: list[str]) -> dict[str, torch.Tensor]:
     """Unwrap the usual checkpoint containers down to a flat ``{name: tensor}`` dict."""
     if not isinstance(obj, dict):
         raise WeightLoadError(f"expected a dict of tensors, found {type(obj).__name__}")
-    for container in ("model", "state_dict", "model_state_dict", "network", "module"):
+    for container in ("model", "state_dict", "model_state_dict", "network", "net", "module"):
         inner = obj.get(container)
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             ignored.extend(k for k in obj if k != container)
@@ -94,6 +110,23 @@ def _flatten(obj: object, ignored: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's CLIP releases): a zip with compiled code beside the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
+    # torch.jit.load runs no Python pickle code: TorchScript is interpreted, and only its tensors are kept
+    try:
+        return {k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+    except (RuntimeError, OSError) as err:
+        raise WeightLoadError(f"{path}: not a readable TorchScript archive: {str(err).splitlines()[0]}") from err
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read a local weight file into ``({name: tensor}, ignored_entries)``."""
     path = Path(path)
@@ -101,7 +134,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
         raise WeightLoadError(f"{path}: no such weight file")
     suffix = path.suffix.lower()
     ignored: list[str] = []
-    if suffix == ".safetensors":
+    if suffix in TORCH_SUFFIXES and is_torchscript(path):
+        state = _torchscript_state(path)
+    elif suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -119,7 +154,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
             raise WeightLoadError(f"{path}: not a readable .npz archive (truncated or corrupt?): {err}") from err
     else:
         raise WeightLoadError(
-            f"{path}: unsupported weight file type '{suffix}'; use .safetensors, .pth/.pt or a Google ViT .npz"
+            f"{path}: unsupported weight file type '{suffix}'; use .safetensors, .pth/.pt/.pth.tar or a Google ViT .npz"
         )
     if not state:
         raise WeightLoadError(f"{path}: contains no tensors")
@@ -179,38 +214,110 @@ def _adapt_patch_embed(state: dict, key: str, target: torch.Tensor, resized: dic
     resized[key] = f"{tuple(src.shape)} -> {tuple(target.shape)} (input channels adapted as timm's adapt_input_conv)"
 
 
-def convert_vit_checkpoint(state: dict[str, torch.Tensor], model: VisionTransformer) -> tuple[dict, str, dict]:
-    """Bring a timm or Google ViT checkpoint to ``model``'s names and shapes.
+def read_release(path: str | Path) -> Release | None:
+    """Read a weight file and recognise its release (:mod:`.releases`, or timm / Google); None for other
+    architectures (Swin, SwinUNETR)."""
+    path = Path(path)
+    state, ignored = read_checkpoint(path)
+    try:
+        release = identify_release(state, path, is_torchscript(path))
+    except (KeyError, ValueError) as err:
+        raise WeightLoadError(f"{path}: looks like a published ViT release but is incomplete: {err}") from err
+    if release is None:
+        layout = "timm"
+        if _is_google_npz(state):
+            state, layout = _google_npz_to_timm(state), "google-npz"
+        if "blocks.0.attn.qkv.weight" not in state or "patch_embed.proj.weight" not in state:
+            return None
+        class_token = "cls_token" in state
+        options, size = vit_sizes(state, int(class_token))
+        release = Release("timm", layout, state, {**options, "class_token": class_token}, size)
+    release.ignored = ignored
+    return release
 
-    Returns ``(state, layout, resized)``.
-    """
-    layout = "timm"
-    if _is_google_npz(state):
-        state, layout = _google_npz_to_timm(state), "google-npz"
-    state = dict(state)
-    resized: dict[str, str] = {}
+
+def _vit_state_for(model: VisionTransformer, release: Release, resized: dict) -> dict:
+    """The release's tensors in ``model``'s shapes: input channels, position grid (the family's rule), tokens."""
+    state = dict(release.state)
     _adapt_patch_embed(state, "patch_embed.proj.weight", model.patch_embed.proj.weight, resized)
     if "pos_embed" in state:
         src = state["pos_embed"]
-        src_tokens = src.shape[1]
         src_prefix = 1 if "cls_token" in state else 0
-        side = int(round((src_tokens - src_prefix) ** 0.5))
-        if side * side != src_tokens - src_prefix:
+        side = int(round((src.shape[1] - src_prefix) ** 0.5))
+        if side * side != src.shape[1] - src_prefix:
             # timm "no_embed_class" checkpoints keep the class token out of the position embedding
             src_prefix = 0
-            side = int(round(src_tokens**0.5))
-        new = resample_abs_pos_embed(src, model.grid_size, (side, side), src_prefix)
-        if src_prefix and not model.num_prefix_tokens:
+            side = int(round(src.shape[1] ** 0.5))
+        new = resize_pos_embed(src, model.grid_size, (side, side), src_prefix, model.pos_embed_resize)
+        if src_prefix and not model.num_pos_prefix:
             new = new[:, src_prefix:]
-        elif model.num_prefix_tokens and not src_prefix:
+        elif model.num_pos_prefix and not src_prefix:
             new = torch.cat([torch.zeros_like(new[:, :1]), new], dim=1)
         if new.shape != src.shape:
+            how = "rebuilt (fixed sin-cos table)" if model.pos_embed_resize == "sincos" else model.pos_embed_resize
             resized["pos_embed"] = (f"{tuple(src.shape)} -> {tuple(new.shape)} (grid {side}x{side} -> "
-                                    f"{model.grid_size[0]}x{model.grid_size[1]}, bicubic"
-                                    + (", class-token entry dropped" if src_prefix and not model.num_prefix_tokens else "")
+                                    f"{model.grid_size[0]}x{model.grid_size[1]}, {how}"
+                                    + (", class-token entry dropped" if src_prefix and not model.num_pos_prefix else "")
                                     + ")")
         state["pos_embed"] = new
-    return state, layout, resized
+    return state
+
+
+def _sam_state_for(model: SamViT, release: Release, resized: dict) -> dict:
+    state = dict(release.state)
+    _adapt_patch_embed(state, "patch_embed.proj.weight", model.patch_embed.proj.weight, resized)
+    src = state.get("pos_embed")
+    if src is not None and tuple(src.shape[1:3]) != model.grid_size:
+        state["pos_embed"] = resize_grid(src.permute(0, 3, 1, 2).float(), model.grid_size, "bilinear").permute(
+            0, 2, 3, 1).to(src.dtype)
+        resized["pos_embed"] = f"{tuple(src.shape)} -> {tuple(state['pos_embed'].shape)} (bilinear)"
+    return state
+
+
+def load_release(backbone: nn.Module, release: Release, path: str | Path) -> LoadReport:
+    """Load a recognised release into a backbone of its family (built by :func:`backbone_from_checkpoint`, or a
+    network's backbone built with the options it needs)."""
+    family = getattr(backbone, "family", None)
+    same_blocks = not VIT_FAMILIES.get(release.family, {"sam": True}).keys() - {"pos_embed_resize"}
+    if family != release.family and not (family == "timm" and same_blocks):
+        raise WeightLoadError(
+            f"{path}: a {release.family} release ({release.layout} layout), but the backbone is built as "
+            f"{family or type(backbone).__name__}; build it for the file (backbone_from_checkpoint, or the network "
+            f"with family='{release.family}')")
+    resized: dict[str, str] = {}
+    if isinstance(backbone, SamViT):
+        state = _sam_state_for(backbone, release, resized)
+    else:
+        state = _vit_state_for(backbone, release, resized)
+    what = "ViT" if release.family == "timm" else f"{release.family} ViT"
+    report = apply_state_dict(backbone, state, str(path), release.layout, resized, release.ignored, what)
+    report.not_used, report.notes = dict(release.not_used), list(release.notes)
+    if family != release.family:  # MAE / MoCo v3 weights in a timm-built ViT: the same blocks
+        report.notes.append(f"a {release.family} release loaded into a backbone built as {family}: position "
+                            f"embedding resized the {family} way ({backbone.pos_embed_resize})")
+    return report
+
+
+def backbone_from_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, LoadReport]:
+    """Build the backbone a pretrained ViT file needs and load it: ``backbone, report = backbone_from_checkpoint(PATH)``.
+
+    The release (timm, Google, CLIP, MAE, MoCo v3, DINOv2 with or without registers, SAM) is recognised from the
+    file's layout and the sizes are read from its tensors; ``overrides`` set what a file cannot tell or what should
+    differ (``num_heads`` for non-standard widths, CLIP's ``act``, ``img_size``, ``in_chans``, ``class_token``).
+    The backbone is built at the file's own image size unless ``img_size`` says otherwise; either way
+    ``block_outputs(images)`` takes any size the family supports, resizing the position embedding the family's way.
+    """
+    release = read_release(path)
+    if release is None:
+        raise WeightLoadError(f"{path}: not a ViT release this project knows (timm, Google .npz, CLIP, MAE, MoCo v3, "
+                              "DINOv2, SAM); Swin weights load into a network with load_backbone_weights")
+    options = {**release.options, "img_size": release.pretrain_img_size,
+               "in_chans": int(release.state["patch_embed.proj.weight"].shape[1]), **overrides}
+    try:
+        backbone = build_backbone(release.family, **options)
+    except (TypeError, ValueError) as err:
+        raise WeightLoadError(f"{path}: cannot build a {release.family} backbone with {options}: {err}") from err
+    return backbone, load_release(backbone, release, path)
 
 
 # --- Swin ------------------------------------------------------------------------------------------
@@ -275,12 +382,15 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], path: st
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
-    """Load a pretrained ViT or Swin checkpoint from a local file into ``backbone``."""
+    """Load a pretrained ViT (any release :func:`read_release` knows) or Swin checkpoint into ``backbone``."""
+    if isinstance(backbone, (VisionTransformer, SamViT)):
+        release = read_release(path)
+        if release is None:
+            raise WeightLoadError(f"{path}: does not look like a ViT checkpoint (no blocks.0.attn.qkv.weight in any "
+                                  "layout this project knows)")
+        return load_release(backbone, release, path)
     state, ignored = read_checkpoint(path)
-    if isinstance(backbone, VisionTransformer):
-        state, layout, resized = convert_vit_checkpoint(state, backbone)
-        what = "ViT"
-    elif isinstance(backbone, SwinTransformer):
+    if isinstance(backbone, SwinTransformer):
         state, layout, resized = convert_swin_checkpoint(state, backbone)
         what = "Swin"
     else:

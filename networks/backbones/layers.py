@@ -18,6 +18,8 @@ from torch import nn
 __all__ = [
     "DropPath",
     "attention",
+    "QuickGELU",
+    "LayerScale",
     "Mlp",
     "adapt_input_conv",
     "resample_abs_pos_embed",
@@ -58,13 +60,36 @@ def drop_path_rates(rate: float, n: int) -> list[float]:
     return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
-class Mlp(nn.Module):
-    """Transformer feed-forward block: ``fc1 -> GELU -> fc2`` (timm's ``Mlp`` names)."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP was trained with (not interchangeable with GELU)."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT; DINOv2's ``ls1``/``ls2``, parameter ``gamma``)."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5) -> None:
         super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward block: ``fc1 -> GELU -> fc2`` (timm's ``Mlp`` names); ``act`` names another activation."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, act: str = "gelu") -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r}: choose one of {', '.join(ACTIVATIONS)}")
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
