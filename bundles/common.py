@@ -302,6 +302,10 @@ def build_bundle_network(backbone: str, method: str, pretrained: str | None, met
                             in_channels=in_channels, num_classes=num_classes, **options)
     if dropout:
         add_mc_dropout(network, dropout)
+    # as built: a pretrained ViT file sets the family and sizes (networks.models.options_from_release)
+    options = dict(getattr(network, "network_options", options))
+    for key in ("in_channels", "num_classes"):
+        options.pop(key, None)
     network.bundle_settings = {
         "backbone": backbone, "method": method, "method_options": method_options, "options": options,
         "in_channels": int(in_channels), "num_classes": int(num_classes), "patch_size": [int(v) for v in patch_size],

@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
-from monai.networks.nets.swin_unetr import compute_mask, get_window_size
+from monai.networks.nets.swin_unetr import PatchMerging as PatchMerging3D
+from monai.networks.nets.swin_unetr import PatchMergingV2, compute_mask, get_window_size
 from torch import nn
 
 from .context import SliceContext
@@ -23,8 +25,12 @@ from .efficiency.frozen_blocks import check_frozen_options, configure_frozen_blo
 from .pet.base import AdapterSite
 from .backbones.swin import PatchMerging, SwinTransformer
 from .efficiency.unet_blocks import use_memory_efficient_blocks
+from .backbones import build_backbone
+from .backbones.sam import SamViT
+from .backbones.swinunetr_merging import LegacyPatchMerging
 from .backbones.vit import VisionTransformer
-from .weights import LoadReport, load_backbone_weights, load_swinunetr_weights
+from .weights import (LoadReport, Release, WeightLoadError, load_backbone_weights, load_release, load_swinunetr_weights,
+                      read_release)
 
 __all__ = ["SliceVolumeNet", "ViTUPerNet", "SwinUNet", "SwinUNETRNet", "build_network", "NETWORKS"]
 
@@ -64,6 +70,13 @@ class ViTUPerNet(SliceVolumeNet):
     Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11. ``decoder`` swaps
     UPerNet for one of SETR's decoders on the same taps (the paper's Table 13): ``setr_naive``, ``setr_pup``
     (both read the last tap only) or ``setr_mla``; ``decoder_channels`` is their width too.
+
+    ``family`` builds the backbone a pretraining family needs (``timm``, ``clip``, ``mae``, ``mocov3``,
+    ``dinov2``, ``sam``; :func:`networks.backbones.build_backbone`), with ``backbone_options`` for what else it
+    takes (DINOv2's ``num_registers``, SAM's ``window_size`` ...); :func:`build_network` sets both from a
+    pretrained file. ``class_token`` defaults to none for timm weights (the paper's setting) and to the family's
+    own tokens for the others, which compute with them. Slices whose side is not a multiple of the patch (128
+    with DINOv2's 14) are zero-padded on the far side and the logits cropped back.
     """
 
     # the frozen ViT-B is most of the step's compute: running it again costs ~30 % step time (benchmark)
@@ -71,17 +84,19 @@ class ViTUPerNet(SliceVolumeNet):
 
     def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
                  num_slices: int | None = None, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool = False,
+                 num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool | None = None,
                  decoder_channels: int = 256, share_smooth: bool = True, drop_path_rate: float = 0.0,
-                 decoder: str = "upernet") -> None:
+                 decoder: str = "upernet", family: str = "timm", backbone_options: dict | None = None) -> None:
         super().__init__(img_size if num_slices is None else num_slices)
         if max(out_indices) >= depth:
             raise ValueError(f"out_indices {tuple(out_indices)} exceed the {depth} blocks")
         if decoder not in VIT_DECODERS:
             raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(VIT_DECODERS)}")
         self.out_indices = tuple(out_indices)
-        self.backbone = VisionTransformer(img_size, patch_size, in_channels, embed_dim, depth, num_heads,
-                                          class_token=class_token, drop_path_rate=drop_path_rate)
+        self.backbone = _family_backbone(family, dict(backbone_options or {}), class_token,
+                                         img_size=-(-img_size // patch_size) * patch_size, patch_size=patch_size,
+                                         in_chans=in_channels, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                         drop_path_rate=drop_path_rate)
         self.backbone.context = self.context
         if decoder == "upernet":
             self.decoder = ViTUPerNetDecoder(embed_dim, len(out_indices), num_classes, decoder_channels, share_smooth)
@@ -89,18 +104,43 @@ class ViTUPerNet(SliceVolumeNet):
             self.decoder = VIT_DECODERS[decoder](embed_dim, len(out_indices), num_classes, decoder_channels)
 
     def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        patch = self.backbone.patch_size
+        if h % patch or w % patch:
+            x = F.pad(x, (0, -w % patch, 0, -h % patch))
         norm_last = self.out_indices[-1] == len(self.backbone.blocks) - 1
         feats = self.backbone.forward_intermediates(x, self.out_indices, norm_last=norm_last)
-        return self.decoder(feats, x.shape[-2:])
+        return self.decoder(feats, x.shape[-2:])[..., :h, :w]
 
     def adapter_sites(self) -> list[AdapterSite]:
         sites, stage = [], 0
         for i, blk in enumerate(self.backbone.blocks):
             closes = i in self.out_indices
             sites.append(AdapterSite(blk, self.backbone.embed_dim, stage if i <= self.out_indices[-1] else None,
-                                     closes, "tokens", self.num_slices))
+                                     closes, self.backbone.token_layout, self.num_slices))
             stage += int(closes)
         return sites
+
+
+def _family_backbone(family: str, options: dict, class_token: bool | None, **sizes) -> nn.Module:
+    """The ViT-style backbone of ``family`` for :class:`ViTUPerNet`; an unknown option is one error naming the
+    family's options."""
+    if family == "sam":
+        if class_token:
+            raise ValueError("SAM's image encoder has no class token")
+        cls = SamViT
+    else:
+        sizes["class_token"] = family != "timm" if class_token is None else bool(class_token)
+        cls = VisionTransformer
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"backbone_options {', '.join(unknown)}: not options of the {family} backbone; its options: "
+                         f"{', '.join(sorted(accepted - set(sizes)))}")
+    clash = sorted(set(options) & set(sizes))
+    if clash:
+        raise ValueError(f"backbone_options {', '.join(clash)}: set them as network options, not backbone_options")
+    return build_backbone(family, **sizes, **options)
 
 
 class SwinUNet(SliceVolumeNet):
@@ -163,13 +203,19 @@ class SwinUNet(SliceVolumeNet):
         return report
 
 
+# MONAI's patch mergings, and the one releases trained with MONAI's earlier code need (the Universal Model's)
+SWINUNETR_MERGING = {"merging": PatchMerging3D, "mergingv2": PatchMergingV2, "merging_legacy": LegacyPatchMerging}
+
+
 class SwinUNETRNet(SwinUNETR):
     """MONAI's SwinUNETR (3D) with the hooks PET methods need; MONAI's parameter names are kept.
 
     ``img_size`` is the training patch side (96 in MONAI's recipes); Med-Adapters size their FFT
     weights from the token depth it gives at each stage. ``memory_efficient_blocks`` (default) runs the
     convolutional blocks as :mod:`networks.efficiency.unet_blocks` does: same parameters and gradients, ~0.8 GiB
-    less kept at a 96^3 patch whatever the method; ``False`` keeps MONAI's own forward.
+    less kept at a 96^3 patch whatever the method; ``False`` keeps MONAI's own forward. ``downsample``: MONAI's
+    ``merging`` (default) or ``mergingv2``, or ``merging_legacy`` (:mod:`networks.backbones.swinunetr_merging`),
+    which loading the Universal Model's weights sets.
     """
 
     frozen_activations_auto = "recompute"  # as Swin-UNet: its convolutional decoder dominates
@@ -177,10 +223,12 @@ class SwinUNETRNet(SwinUNETR):
     def __init__(self, in_channels: int = 1, num_classes: int = 2, img_size: int = 96, feature_size: int = 48,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, drop_path_rate: float = 0.0, use_checkpoint: bool = False,
-                 memory_efficient_blocks: bool = True) -> None:
+                 memory_efficient_blocks: bool = True, downsample: str = "merging") -> None:
+        if downsample not in SWINUNETR_MERGING:
+            raise ValueError(f"downsample {downsample!r}: choose one of {', '.join(SWINUNETR_MERGING)}")
         super().__init__(in_channels=in_channels, out_channels=num_classes, depths=depths, num_heads=num_heads,
                          window_size=window_size, feature_size=feature_size, dropout_path_rate=drop_path_rate,
-                         use_checkpoint=use_checkpoint, spatial_dims=3)
+                         use_checkpoint=use_checkpoint, spatial_dims=3, downsample=SWINUNETR_MERGING[downsample])
         if memory_efficient_blocks:
             use_memory_efficient_blocks(self)
         self.img_size = img_size
@@ -217,7 +265,19 @@ class SwinUNETRNet(SwinUNETR):
         return (lambda x: block.forward(x, _stage_attention_mask(stage, x))), (tokens,)
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        return load_swinunetr_weights(self, path)
+        report = load_swinunetr_weights(self, path)
+        if report.layout == "universal-model":
+            self.use_merging("merging_legacy")
+            report.notes.append("patch merging as the Universal Model computes it (downsample='merging_legacy')")
+        return report
+
+    def use_merging(self, downsample: str) -> None:
+        """Switch the patch mergings (same parameters) and record it, so that a saved model is rebuilt the same."""
+        for layer in (self.swinViT.layers1, self.swinViT.layers2, self.swinViT.layers3, self.swinViT.layers4):
+            if layer[0].downsample is not None:
+                layer[0].downsample.__class__ = SWINUNETR_MERGING[downsample]
+        if hasattr(self, "network_options"):
+            self.network_options["downsample"] = downsample
 
 
 def _stage_attention_mask(stage: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -233,6 +293,36 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "swin_unet": SwinUNet,
     "swinunetr": SwinUNETRNet,
 }
+
+
+# What a ViT file cannot tell, so that an option given wins over the file's convention: heads (by width, except
+# SAM's, which its relative tables give), whether to keep the class token, CLIP's activation.
+CONVENTIONS = ("num_heads", "class_token", "act")
+
+
+def options_from_release(release: Release, options: dict, path) -> dict:
+    """:class:`ViTUPerNet` options for a recognised release: the family and the sizes its tensors fix, merged with
+    ``options``; an option that contradicts the file is one error naming both."""
+    detected = {"family": release.family, **release.options}
+    if release.family == "timm":
+        detected.pop("class_token")  # timm weights serve the paper's setting, which drops the class token
+    soft = set(CONVENTIONS) - ({"num_heads"} if release.family == "sam" else set())
+    given = dict(options)
+    own = dict(given.get("backbone_options") or {})
+    top = set(inspect.signature(ViTUPerNet.__init__).parameters)
+    for key, value in detected.items():
+        where = given if key in top else own
+        if key in where and key not in soft and _normalised(where[key]) != _normalised(value):
+            raise ValueError(f"{path}: the file is a {release.family} ViT with {key}={value!r}, but the network "
+                             f"options say {key}={where[key]!r}; leave it out (the file sets it)")
+        where.setdefault(key, value)
+    if own:
+        given["backbone_options"] = own
+    return given
+
+
+def _normalised(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def build_network(name: str, method: str = "med_adapter", pretrained: str | Path | None = None,
@@ -269,12 +359,21 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
     if unknown:
         raise ValueError(f"network '{name}' has no option(s) {', '.join(unknown)}; its options: "
                          f"{', '.join(p for p in accepted if p != 'self')}")
-    model = cls(**network_options)
     method_class = get_method(method)
+    if pretrained and not method_class.loads_pretrained:
+        raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
+    release = None
+    if pretrained and cls is ViTUPerNet:
+        release = read_release(pretrained)
+        if release is None:
+            raise WeightLoadError(f"{pretrained}: not a ViT checkpoint of any release this project knows (timm, "
+                                  "Google .npz, CLIP, MAE, MoCo v3, DINOv2, SAM)")
+        network_options = options_from_release(release, network_options, pretrained)
+    model = cls(**network_options)
+    model.network_options = network_options  # as built: a saved model is rebuilt from these without the file
     if pretrained:
-        if not method_class.loads_pretrained:
-            raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
-        model.pretrained_report = model.load_pretrained(pretrained)
+        model.pretrained_report = (load_release(model.backbone, release, pretrained) if release is not None
+                                   else model.load_pretrained(pretrained))
     apply_method(model, method, **(method_options or {}))
     if model.pet.frozen:
         configure_frozen_blocks(model, frozen_activations,

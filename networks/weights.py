@@ -404,11 +404,22 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
 def load_swinunetr_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Load MONAI SwinUNETR weights from a local file.
 
-    Two layouts: a full SwinUNETR state dict (``swinViT.*``, ``encoder1.*``, ...), or MONAI's
-    self-supervised Swin ViT weights (``model_swinvit.pt``: ``{'state_dict': {'module.layers1.0...'}}``
-    with ``mlp.fc1``/``fc2`` names), which go into ``model.swinViT``.
+    Three layouts: a full SwinUNETR state dict (``swinViT.*``, ``encoder1.*``, ...); the CLIP-Driven Universal
+    Model's release (``{'net': {'module.backbone.swinViT...', 'module.controller...'}}``, the paper's "W2"); or
+    MONAI's self-supervised Swin ViT weights (``model_swinvit.pt``: ``{'state_dict': {'module.layers1.0...'}}``
+    with ``mlp.fc1``/``fc2`` names, "W1"), which go into ``model.swinViT``.
     """
     state, ignored = read_checkpoint(path)
+    if any(k.startswith("backbone.swinViT.") for k in state):
+        # CLIP-Driven Universal Model ({'net': DDP state}): its SwinUNETR is "backbone", without MONAI's output
+        # block (its CLIP-driven head reads decoder1's features), so out.* stays initialised for this task's classes
+        inner = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        report = apply_state_dict(model, inner, str(path), "universal-model", {}, ignored, "SwinUNETR")
+        head = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
+        report.not_used = {f"the Universal Model's CLIP-driven head ({', '.join(head)})":
+                           f"{sum(1 for k in state if not k.startswith('backbone.'))} tensors"}
+        report.notes.append("out.* (the output block) is this task's own: the Universal Model has none")
+        return report
     if any(k.startswith("swinViT.") for k in state):
         return apply_state_dict(model, state, str(path), "monai-swinunetr", {}, ignored, "SwinUNETR")
     renamed = {re.sub(r"\.mlp\.fc([12])\.", r".mlp.linear\1.", k): v for k, v in state.items()}

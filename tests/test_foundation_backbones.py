@@ -93,3 +93,150 @@ def test_a_release_into_the_wrong_family_is_one_clear_error():
     vit, _ = backbone_from_checkpoint(FIXTURES / "mae_pretrain.pth", num_heads=2)
     with pytest.raises(WeightLoadError, match="sam_vit.pth: a sam release"):
         load_backbone_weights(vit, FIXTURES / "sam_vit.pth")
+
+
+# --- in the segmentation network --------------------------------------------------------------------------------
+
+from medtuning.networks import available_methods, build_network  # noqa: E402
+from medtuning.networks.tools.summary import build_for_summary, parameter_summary  # noqa: E402
+
+
+def tiny_network(name: str, method: str, **options):
+    overrides = dict(RELEASES[name][2])
+    if "act" in overrides:
+        overrides["backbone_options"] = {"act": overrides.pop("act")}
+    return build_network("vit_b16_upernet", method, pretrained=FIXTURES / name, in_channels=4, num_classes=3,
+                         img_size=32, num_slices=4, decoder_channels=16,
+                         out_indices=(0, 1, 2, 3) if name.startswith("sam") else (0, 1, 2), **overrides, **options)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+@pytest.mark.parametrize("method", [m for m in available_methods() if m != "scratch"])
+def test_every_method_tunes_every_release(name, method):
+    """Each PET method attaches to each pretrained family the same way; only what it tunes gets gradients."""
+    if name.startswith("sam") and method.startswith("vpt"):
+        with pytest.raises(ValueError, match="SAM's windowed encoder"):
+            tiny_network(name, method)
+        return
+    torch.manual_seed(0)
+    model = tiny_network(name, method)
+    assert model.network_options["family"] == RELEASES[name][0]
+    model(torch.randn(1, 4, 4, 32, 32)).square().mean().backward()
+    counts = parameter_summary(model)
+    grads = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    assert grads == counts["tuned"] > 0
+    if method not in ("full", "head", "ssf", "lora"):
+        assert counts["inserted"] > 0
+    if method != "full":
+        assert all(p.grad is None for p in model.backbone.blocks.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_a_saved_network_is_rebuilt_from_its_options_without_the_file(name):
+    """Training writes network_options (family and sizes read from the file); inference rebuilds from them."""
+    model = tiny_network(name, "med_adapter")
+    again = build_network("vit_b16_upernet", "med_adapter", **model.network_options)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    again.load_state_dict(model.state_dict())
+    x = torch.randn(1, 4, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_dinov2_pads_slices_to_whole_patches():
+    model = tiny_network("dinov2.pth", "med_adapter").eval()
+    assert model.backbone.grid_size == (3, 3)  # 32 -> 42 = 3 x 14
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, 4, 32, 32))
+    assert out.shape == (1, 3, 4, 32, 32)
+
+
+def test_options_that_contradict_the_file_are_one_error():
+    with pytest.raises(ValueError, match="dinov2.pth: the file is a dinov2 ViT with patch_size=14"):
+        tiny_network("dinov2.pth", "med_adapter", patch_size=16)
+    with pytest.raises(ValueError, match="num_registers=4, but the network options say num_registers=2"):
+        tiny_network("dinov2_reg.pth", "med_adapter", backbone_options={"num_registers": 2})
+    with pytest.raises(ValueError, match="backbone_options window: not options of the clip backbone"):
+        build_network("vit_b16_upernet", "med_adapter", family="clip", backbone_options={"window": 3})
+
+
+PAPER_VIT = {"tuned": 17_853_000, "inserted": 2_845_696}  # Med-Tuning, ViT-B/16 at 128, alpha 6 (Tables 1-3)
+
+
+@pytest.mark.parametrize("family,options,extra_tokens", [
+    ("clip", {}, 2), ("mae", {}, 2), ("mocov3", {}, 2),
+    ("dinov2", {"patch_size": 14}, 2), ("dinov2", {"patch_size": 14, "backbone_options": {"num_registers": 4}}, 6),
+])
+def test_paper_size_counts_per_family(family, options, extra_tokens):
+    """Med-Adapters insert the paper's 2.846 M on every ViT-B/16 family; what is tuned besides differs only by the
+    family's own tokens (class token and its position entry, registers), and DINOv2's 14-pixel patches give
+    128 -> 140 pixels, a 10 x 10 grid (36 more position entries than 8 x 8)."""
+    model = build_for_summary("vit_b16_upernet", "med_adapter", family=family, **options)
+    counts = parameter_summary(model)
+    assert counts["inserted"] == PAPER_VIT["inserted"]
+    grid = (model.backbone.grid_size[0] * model.backbone.grid_size[1] - 64) * 768
+    timm = parameter_summary(build_for_summary("vit_b16_upernet", "med_adapter"))
+    assert counts["tuned"] - timm["tuned"] == grid + extra_tokens * 768
+    assert abs(timm["tuned"] - PAPER_VIT["tuned"]) < 500
+
+
+def test_universal_model_swinunetr_matches_its_reference():
+    """The CLIP-Driven Universal Model's SwinUNETR release loads into MONAI's SwinUNETR; its encoder and decoder
+    compute what the Universal Model's own backbone computed (written by its repository's code)."""
+    from medtuning.networks.models import SwinUNETRNet
+
+    with safe_open(str(FIXTURES / "universal_swin_unetr_reference.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["meta"])
+    model = SwinUNETRNet(in_channels=1, num_classes=5, img_size=64, feature_size=meta["feature_size"],
+                         depths=meta["depths"], num_heads=meta["num_heads"]).eval()
+    report = model.load_pretrained(FIXTURES / "universal_swin_unetr.pth")
+    assert report.layout == "universal-model" and not report.unexpected
+    assert report.missing and all(k.startswith("out.") for k in report.missing)
+    assert "CLIP-driven head" in str(report) and "controller" in str(report)
+    seen = {}
+    model.encoder10.register_forward_hook(lambda m, a, out: seen.__setitem__("dec4", out))
+    model.decoder1.register_forward_hook(lambda m, a, out: seen.__setitem__("decoder1", out))
+    with torch.no_grad():
+        model(ref["input_64_u8"].float() / 64 - 2)
+    assert (seen["dec4"] - ref["dec4_64"]).abs().max() < TOL
+    assert (seen["decoder1"][..., ::4, ::4, ::4] - ref["decoder1_64_every4"]).abs().max() < TOL
+    model.use_merging("merging")  # today's MONAI merging computes other features with the same weights
+    with torch.no_grad():
+        model(ref["input_64_u8"].float() / 64 - 2)
+    assert (seen["dec4"] - ref["dec4_64"]).abs().max() > 1e-2
+
+
+def test_universal_model_weights_through_build_network_are_rebuilt_the_same():
+    model = build_network("swinunetr", "med_adapter", pretrained=FIXTURES / "universal_swin_unetr.pth",
+                          in_channels=1, num_classes=3, img_size=32, feature_size=12, depths=(1, 1, 1, 1),
+                          num_heads=(1, 1, 1, 1))
+    assert model.network_options["downsample"] == "merging_legacy"
+    again = build_network("swinunetr", "med_adapter", **model.network_options)
+    again.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_monai_self_supervised_weights_load_as_monai_loads_them(tmp_path):
+    """MONAI's SSL Swin ViT release ("W1", model_swinvit.pt) lands where MONAI's own SwinUNETR.load_from puts it."""
+    from monai.networks.nets import SwinUNETR
+
+    from medtuning.networks.models import SwinUNETRNet
+
+    torch.manual_seed(0)
+    source = SwinUNETR(in_channels=1, out_channels=2, feature_size=12)
+    # the release's layout: {'state_dict': {'module.<swinViT key with mlp.fc1/fc2>'}}, plus the SSL heads
+    state = {"module." + k.replace("mlp.linear", "mlp.fc"): v.clone() for k, v in source.swinViT.state_dict().items()}
+    state["module.rotation_head.weight"] = torch.zeros(4, 768)
+    torch.save({"epoch": 100, "state_dict": state}, tmp_path / "model_swinvit.pt")
+    reference = SwinUNETR(in_channels=1, out_channels=2, feature_size=12)
+    reference.load_from(torch.load(tmp_path / "model_swinvit.pt", weights_only=True))
+    ours = SwinUNETRNet(in_channels=1, num_classes=2, img_size=64, feature_size=12)
+    report = ours.load_pretrained(tmp_path / "model_swinvit.pt")
+    assert report.layout == "monai-swinvit-ssl"
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(reference.eval().swinViT(x), ours.eval().swinViT(x)):
+            assert (a - b).abs().max() < TOL

@@ -22,7 +22,6 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "adapt_input_conv",
-    "resample_abs_pos_embed",
     "resize_rel_pos_bias_table",
     "relative_position_index",
     "drop_path_rates",
@@ -120,36 +119,6 @@ def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
         repeat = int(math.ceil(in_channels / 3))
         weight = weight.repeat(1, repeat, 1, 1)[:, :in_channels] * (3.0 / float(in_channels))
     return weight.to(dtype)
-
-
-def resample_abs_pos_embed(
-    pos_embed: torch.Tensor,
-    new_size: Sequence[int],
-    old_size: Sequence[int] | None = None,
-    num_prefix_tokens: int = 1,
-    antialias: bool = True,
-) -> torch.Tensor:
-    """Resize a ViT position embedding ``(1, prefix + h*w, C)`` to a new token grid, bicubically.
-
-    Prefix (class-token) embeddings are kept as they are. ``antialias=True`` is timm's default and
-    what timm 1.0 computes (checked against ``timm_parity``: without it block outputs differ by 0.06).
-    """
-    new_size = tuple(int(s) for s in new_size)
-    prefix = pos_embed[:, :num_prefix_tokens] if num_prefix_tokens else None
-    grid = pos_embed[:, num_prefix_tokens:]
-    if old_size is None:
-        side = int(math.isqrt(grid.shape[1]))
-        if side * side != grid.shape[1]:
-            raise ValueError(f"position embedding with {grid.shape[1]} tokens is not a square grid")
-        old_size = (side, side)
-    old_size = tuple(int(s) for s in old_size)
-    if old_size != new_size:
-        dim = grid.shape[-1]
-        dtype = grid.dtype
-        grid = grid.reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=new_size, mode="bicubic", align_corners=False, antialias=antialias)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], dim).to(dtype)
-    return grid if prefix is None else torch.cat([prefix, grid], dim=1)
 
 
 def relative_position_index(window: Sequence[int]) -> torch.Tensor:

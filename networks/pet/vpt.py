@@ -105,8 +105,9 @@ class _VPT(InsertingMethod):
             return self._insert_vit(model, backbone, config)
         if hasattr(backbone, "layers") and hasattr(backbone, "embed_dims"):
             return self._insert_swin(backbone, config)
-        raise ValueError(f"{self.name} needs a ViT or Swin backbone read slice by slice; {type(model).__name__} "
-                         f"is neither")
+        raise ValueError(f"{self.name} needs a ViT or Swin backbone read slice by slice; {type(model).__name__}'s "
+                         f"{type(backbone).__name__} is neither (SAM's windowed encoder has no token sequence to "
+                         "prompt)")
 
     def _insert_vit(self, model: nn.Module, backbone: nn.Module, config: VPTConfig) -> nn.Module:
         blocks = list(backbone.blocks)
