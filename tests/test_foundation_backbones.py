@@ -240,3 +240,43 @@ def test_monai_self_supervised_weights_load_as_monai_loads_them(tmp_path):
     with torch.no_grad():
         for a, b in zip(reference.eval().swinViT(x), ours.eval().swinViT(x)):
             assert (a - b).abs().max() < TOL
+
+
+# --- through the bundles ----------------------------------------------------------------------------------------
+
+PRETRAINED_RUNS = {  # bundle, file, network options besides what the file sets
+    "dinov2_reg": ("medtuning_brats", "dinov2_reg.pth", {"num_heads": 2, "out_indices": [0, 1, 2]}),
+    "sam": ("medtuning_brats", "sam_vit.pth", {"out_indices": [0, 1, 2, 3]}),
+    "universal": ("medtuning_msd", "universal_swin_unetr.pth",
+                  {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(PRETRAINED_RUNS))
+def test_bundle_trains_from_a_release_and_serves_without_it(tmp_path, run):
+    """--pretrained FILE: the bundle builds what the file needs, records it in network.json, and inference rebuilds
+    the trained network from there with no pretrained file."""
+    from medtuning.bundles.common import prepare_demo
+
+    from .test_bundles import BUNDLES, demo_override, run_workflow
+
+    bundle, name, options = PRETRAINED_RUNS[run]
+    work = prepare_demo(BUNDLES[bundle]["kind"], tmp_path / "work")
+    demo = demo_override(bundle, "demo.json")
+    backbone = "swinunetr" if bundle == "medtuning_msd" else "vit_b16_upernet"
+    override = dict(demo, dataset_dir=work, ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"),
+                    epochs=1, iterations_per_epoch=1, val_interval=1, batch_size=1, pretrained=str(FIXTURES / name),
+                    network_options={backbone: {**options, **({"decoder_channels": 16} if backbone.startswith("vit")
+                                                             else {})}})
+    run_workflow(bundle, ["train.json"], override, tmp_path, "train")
+    settings = json.loads((tmp_path / "models" / "network.json").read_text())
+    if bundle == "medtuning_msd":
+        assert settings["options"]["downsample"] == "merging_legacy"
+    else:
+        assert settings["options"]["family"] == RELEASES[name][0]
+    assert settings["pretrained"]["file"] == name
+    infer = {"dataset_dir": str(tmp_path / "work"), "ckpt_dir": str(tmp_path / "models"),
+             "output_dir": str(tmp_path / "predictions"), "sw_overlap": 0.25, "tta": False}
+    run_workflow(bundle, ["inference.json"], infer, tmp_path, "infer")
+    assert list((tmp_path / "predictions").glob("*.nii.gz"))
