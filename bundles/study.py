@@ -3,6 +3,8 @@
     python -m medtuning.bundles.study --bundle medtuning_brats --methods head,med_adapter,lora,full --work study/
     python -m medtuning.bundles.study --bundle medtuning_kits --dataset_dir /data/kits_work --network paper --epochs 50
     python -m medtuning.bundles.study --table 12 --work table12/ --epochs 50   # Inter-FI modes, Swin-UNet
+    python -m medtuning.bundles.study --pretrained-sweep clip=ViT-B-16.pt,mae=mae_pretrain_vit_base.pth \
+        --methods head,med_adapter --dataset_dir /data/brats_work --work table5/     # Table 5: weights x methods
 
 Each row (a method, or a row of the table: an alpha, stages, a branch, a decoder, a data fraction) trains in its
 own process through the bundle's own train.json (so peak memory is that row's alone) and leaves
@@ -27,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..preprocessing.io import DataError, atomic_path, save_json
-from .tables import TABLES, PAPER_SIZE, Row, Table, get_table, paper_size_counts
+from .tables import TABLES, PAPER_SIZE, Row, Table, get_table, paper_size_counts, pretrained_sweep
 
 KINDS = {"medtuning_brats": "brats", "medtuning_kits": "kits19"}
 
@@ -41,6 +43,8 @@ def _configs(bundle: str) -> Path:
 def study_table(args: argparse.Namespace) -> Table:
     """The rows this study runs: the table's (``--table``), or one per ``--methods`` entry (with the paper's
     figures for the methods its Tables 1-3 print)."""
+    if args.pretrained_sweep:
+        return pretrained_sweep(args.methods, args.pretrained_sweep)
     if args.table:
         table = TABLES[args.table]
         if args.rows:
@@ -61,7 +65,7 @@ def settings_for(args: argparse.Namespace, row: Row) -> dict:
             "method_options": dict(row.method_options), "network_options": dict(row.network_options),
             "backbone": args.backbone, "dataset_dir": str(args.dataset_dir),
             "network": args.network, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
-            "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
+            "batch_size": args.batch_size, "pretrained": row.pretrained or args.pretrained, "seed": args.seed,
             "train_fraction": args.train_fraction if row.train_fraction is None else row.train_fraction}
 
 
@@ -218,6 +222,25 @@ def markdown_rows(table: Table, rows: list[dict]) -> list[str]:
     return lines
 
 
+def sweep_markdown(rows: list[dict], entries: list[tuple[Row, dict, dict | None]]) -> list[str]:
+    """Table 5's layout: a line per method, for each pretrained file its tuned parameters (paper size) and, where
+    the row trained, the Dice of each region."""
+    weights = list(dict.fromkeys(row.weights for row, _, _ in entries))
+    regions = next((result["region_names"] for _, _, result in entries if result), [])
+    header = ["method"] + [f"{w} {c}" for w in weights for c in ["tuned (M)", *(f"Dice {r}" for r in regions)]]
+    cells: dict[str, dict[str, list[str]]] = {}
+    for (row, _, _), line in zip(entries, rows):
+        values = [_millions(line["tuned_params_paper_size"])]
+        values += [str(line.get(f"dice_{r}", "")) for r in regions]
+        cells.setdefault(row.method, {})[row.weights] = values
+    width = 1 + len(regions)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, by_weights in cells.items():
+        lines.append("| " + " | ".join([method, *(v for w in weights for v in by_weights.get(w, [""] * width))]) + " |")
+    files = {row.weights: row.pretrained for row, _, _ in entries}
+    return lines + [""] + [f"- {w}: `{files[w]}`" for w in weights]
+
+
 def write_outputs(table: Table, entries: list[tuple[Row, dict, dict | None]], work: Path, backbone: str,
                   args: argparse.Namespace) -> dict[str, Path]:
     """study.csv, study.md and (when rows trained) tradeoff.png from the rows' results."""
@@ -235,14 +258,19 @@ def write_outputs(table: Table, entries: list[tuple[Row, dict, dict | None]], wo
     if trained:
         first = trained[0]
         settings = first["settings"]
+        pretrained = "one file per column (below)" if table.key == "pretrained" else settings["pretrained"]
         lines += [f"Budget: {settings['epochs']} epochs x {settings['iterations_per_epoch']} iterations, batch "
-                  f"{settings['batch_size']}; data: {settings['dataset_dir']}; pretrained: {settings['pretrained']}; "
+                  f"{settings['batch_size']}; data: {settings['dataset_dir']}; pretrained: {pretrained}; "
                   f"device: {first['device']}; memory: {first['memory_kind']}.", ""]
     else:
         lines += ["Dry run: the rows and their parameter counts; nothing trained.", ""]
-    lines += [f"Tuned and inserted parameters in millions at the paper's size ({size}), beside the figures the "
-              "paper prints; `tuned_params` is the network this run trained.", ""]
-    lines += markdown_rows(table, rows)
+    if table.key == "pretrained":
+        lines += [f"Tuned parameters in millions at the paper's size ({size}) of the network each file builds "
+                  "(its family's tokens and patch grid); Dice as this run measured it.", ""]
+    else:
+        lines += [f"Tuned and inserted parameters in millions at the paper's size ({size}), beside the figures the "
+                  "paper prints; `tuned_params` is the network this run trained.", ""]
+    lines += sweep_markdown(rows, entries) if table.key == "pretrained" else markdown_rows(table, rows)
     with atomic_path(paths["md"]) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     if trained:
@@ -325,6 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--pretrained", default=None, help="local backbone weights (.safetensors/.pth/.npz)")
+    parser.add_argument("--pretrained-sweep", dest="pretrained_sweep", default=None, metavar="NAME=FILE,...",
+                        help="train every --methods entry from each of these pretrained ViT files (CLIP, MAE, MoCo "
+                             "v3, SAM, DINOv2, timm, Google): the paper's Table 5 layout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_fraction", type=float, default=1.0,
                         help="train on this fraction of the training cases: a seeded subset, stratified by the "
@@ -339,6 +370,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.table and args.methods:
         parser.error("--table runs the table's own rows; leave out --methods")
+    if args.pretrained_sweep:
+        if args.table or args.pretrained:
+            parser.error("--pretrained-sweep names its own files; leave out --table and --pretrained")
+        if args.backbone not in (None, "vit_b16_upernet"):
+            parser.error("--pretrained-sweep runs ViT releases: --backbone vit_b16_upernet")
+        args.pretrained_sweep = _sweep_files(parser, args.pretrained_sweep)
     methods = args.methods or "head,med_adapter,adapter,adaptformer,lora,full"
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(available_methods()))
@@ -362,6 +399,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.network is None:
         args.network = "paper" if args.dataset_dir else "demo"
     return args
+
+
+def _sweep_files(parser: argparse.ArgumentParser, text: str) -> dict[str, str]:
+    files = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            parser.error(f"--pretrained-sweep {entry!r}: NAME=FILE, e.g. clip=ViT-B-16.pt")
+        if name.strip() in files:
+            parser.error(f"--pretrained-sweep names {name.strip()!r} twice")
+        if not Path(path.strip()).is_file():
+            parser.error(f"--pretrained-sweep {name.strip()}: {path.strip()}: no such file")
+        files[name.strip()] = str(Path(path.strip()).resolve())
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Row", "Table", "TABLES", "table_names", "get_table", "paper_size_counts", "PAPER_SIZE"]
+__all__ = ["Row", "Table", "TABLES", "table_names", "get_table", "paper_size_counts", "pretrained_sweep", "PAPER_SIZE"]
 
 PAPER_SIZE = {"in_channels": 4, "num_classes": 4, "img_size": 128}  # the setting of the paper's printed counts
 SWIN_ALPHA4 = {"reduction": 4}  # Tables 10-12 use alpha = 4 on Swin-UNet: their FFT row is the alpha = 4 model
@@ -29,6 +29,8 @@ class Row:
     paper: dict = field(default_factory=dict)  # backbone -> {"tuned": M, "inserted": M} as the paper prints them
     paper_extra: int = 0  # parameters the paper's reference counts that this network does not build
     notes: dict = field(default_factory=dict)  # backbone -> a footnote on the paper's figure
+    weights: str = ""  # a pretrained-weights sweep's name for the row's file (Table 5's columns)
+    pretrained: str | None = None  # the row's own pretrained file (None: the study's --pretrained)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,24 @@ TABLES: dict[str, Table] = {t.key: t for t in (
     Table("14", "Table 14: data efficiency", "training data", tuple(
         Row(f"{round(f * 100)} %", train_fraction=f) for f in (0.05, 0.25, 0.5, 1.0))),
 )}
+
+
+def pretrained_sweep(methods: list[str], files: dict[str, str]) -> Table:
+    """Table 5's layout: every method with every pretrained file. Each row's network takes the family and sizes
+    its file sets (read once here, so the paper-size counts are those of the network each file builds)."""
+    from ..networks.models import options_from_release
+    from ..networks.weights import WeightLoadError, read_release
+
+    rows = []
+    for name, path in files.items():
+        release = read_release(path)
+        if release is None:
+            raise WeightLoadError(f"{path}: not a ViT release this project knows, so not a --pretrained-sweep entry")
+        options = options_from_release(release, {}, path)
+        for method in methods:
+            rows.append(Row(f"{method} · {name}", method, network_options=options, weights=name,
+                            pretrained=str(path)))
+    return Table("pretrained", "Table 5: pretrained weights", "method", tuple(rows), backbones=("vit_b16_upernet",))
 
 
 def table_names() -> list[str]:

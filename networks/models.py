@@ -67,7 +67,8 @@ class SliceVolumeNet(nn.Module):
 class ViTUPerNet(SliceVolumeNet):
     """ViT (timm names) + UPerNet on blocks ``out_indices``, as Med-Tuning's ViT-B/16 setting.
 
-    Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11. ``decoder`` swaps
+    Defaults are the paper's: ViT-B/16, 128x128 slices, no class token, blocks 2/5/8/11 (the last of each quarter
+    of the blocks, whatever the depth). ``decoder`` swaps
     UPerNet for one of SETR's decoders on the same taps (the paper's Table 13): ``setr_naive``, ``setr_pup``
     (both read the last tap only) or ``setr_mla``; ``decoder_channels`` is their width too.
 
@@ -84,10 +85,12 @@ class ViTUPerNet(SliceVolumeNet):
 
     def __init__(self, in_channels: int = 4, num_classes: int = 4, img_size: int = 128,
                  num_slices: int | None = None, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, out_indices: Sequence[int] = (2, 5, 8, 11), class_token: bool | None = None,
+                 num_heads: int = 12, out_indices: Sequence[int] | None = None, class_token: bool | None = None,
                  decoder_channels: int = 256, share_smooth: bool = True, drop_path_rate: float = 0.0,
                  decoder: str = "upernet", family: str = "timm", backbone_options: dict | None = None) -> None:
         super().__init__(img_size if num_slices is None else num_slices)
+        if out_indices is None:  # the last block of each quarter: 2/5/8/11 of ViT-B, 5/11/17/23 of ViT-L
+            out_indices = tuple(depth * (k + 1) // 4 - 1 for k in range(4)) if depth >= 4 else tuple(range(depth))
         if max(out_indices) >= depth:
             raise ValueError(f"out_indices {tuple(out_indices)} exceed the {depth} blocks")
         if decoder not in VIT_DECODERS:

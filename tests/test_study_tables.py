@@ -138,3 +138,57 @@ def test_each_table_trains_on_the_demo_and_resumes(tmp_path, demo_data, key):
     assert len(stamps) == len(expected)
     assert study(args) == 0
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+# --- Table 5: a pretrained-weights sweep ------------------------------------------------------------------------
+
+FOUNDATION = __import__("pathlib").Path(__file__).parent / "fixtures" / "foundation"
+
+
+def sweep_arg(*names):
+    return ",".join(f"{name.split('_')[0]}={FOUNDATION / name}" for name in names)
+
+
+def test_pretrained_sweep_lays_out_methods_by_weights(tmp_path):
+    """Each (method, file) row is counted on the network that file builds (paper size: 4 channels, 4 classes,
+    128 x 128): the same count build_network gives with the file itself."""
+    from medtuning.networks import build_network
+    from medtuning.networks.tools.summary import parameter_summary
+
+    files = ("clip_openai.pt", "sam_vit.pth")
+    assert study(["--pretrained-sweep", sweep_arg(*files), "--methods", "head,med_adapter", "--work", str(tmp_path),
+                  "--dry_run"]) == 0
+    rows = read_csv(tmp_path / "study.csv")
+    assert [r["method"] for r in rows] == ["head · clip", "med_adapter · clip", "head · sam", "med_adapter · sam"]
+    for row, (name, method) in zip(rows, [(f, m) for f in files for m in ("head", "med_adapter")]):
+        network = build_network("vit_b16_upernet", method, pretrained=FOUNDATION / name, in_channels=4,
+                                num_classes=4, img_size=128)
+        assert int(row["tuned_params_paper_size"]) == parameter_summary(network)["tuned"]
+    page = (tmp_path / "study.md").read_text()
+    assert "| method | clip tuned (M) | sam tuned (M) |" in page and "| med_adapter |" in page
+
+
+@pytest.mark.parametrize("sweep,message", [
+    ("clip", "NAME=FILE"), ("clip=nope.pt", "nope.pt: no such file"),
+    (f"a={FOUNDATION / 'sam_vit.pth'},a={FOUNDATION / 'sam_vit.pth'}", "names 'a' twice"),
+])
+def test_bad_sweeps_are_named(tmp_path, capsys, sweep, message):
+    with pytest.raises(SystemExit):
+        study(["--pretrained-sweep", sweep, "--work", str(tmp_path), "--dry_run"])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrained_sweep_trains_each_file(tmp_path, demo_data):
+    args = ["--pretrained-sweep", sweep_arg("sam_vit.pth", "mae_pretrain.pth"), "--methods", "med_adapter",
+            "--work", str(tmp_path), "--epochs", "1", "--iterations", "1", "--batch_size", "1",
+            "--dataset_dir", str(demo_data["brats"]), "--network", "paper"]
+    assert study(args) == 0
+    rows = read_csv(tmp_path / "study.csv")
+    assert [r["method"] for r in rows] == ["med_adapter · sam", "med_adapter · mae"]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/result.json"))]
+    assert sorted(r["settings"]["pretrained"].rsplit("/", 1)[-1] for r in results) == ["mae_pretrain.pth",
+                                                                                       "sam_vit.pth"]
+    assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
+    page = (tmp_path / "study.md").read_text()
+    assert "| method | sam tuned (M) | sam Dice ET | sam Dice TC | sam Dice WT | mae tuned (M)" in page
