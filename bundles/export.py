@@ -38,6 +38,16 @@ BACKBONE_RELEASES = {
     "swin_tiny_patch4_window7_224.pth":
         "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth",
     "model_swinvit.pt": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
+    "ViT-B-16.pt": "https://openaipublic.azureedge.net/clip/models/"
+                   "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "mae_pretrain_vit_base.pth": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "vit-b-300ep.pth.tar": "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+    "sam_vit_b_01ec64.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "dinov2_vitb14_pretrain.pth": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+    "dinov2_vitb14_reg4_pretrain.pth":
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14_reg4/dinov2_vitb14_reg4_pretrain.pth",
+    "clip_driven_universal_swin_unetr.pth":
+        "https://huggingface.co/ljwztc/CLIP-Driven-Universal-Model/resolve/main/clip_driven_universal_swin_unetr.pth",
 }
 DATA_LICENSES = {
     "brats": "BraTS 2019/2020 data (https://www.med.upenn.edu/cbica/brats2020/data.html) are provided by the "

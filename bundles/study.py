@@ -352,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--pretrained", default=None, help="local backbone weights (.safetensors/.pth/.npz)")
+    parser.add_argument("--pretrained", default=None, help="a local pretrained backbone file (any release docs/networks.md lists)")
     parser.add_argument("--pretrained-sweep", dest="pretrained_sweep", default=None, metavar="NAME=FILE,...",
                         help="train every --methods entry from each of these pretrained ViT files (CLIP, MAE, MoCo "
                              "v3, SAM, DINOv2, timm, Google): the paper's Table 5 layout")

@@ -56,6 +56,17 @@ def build_for_summary(model: str, method: str, **options) -> nn.Module:
         return build_network(model, method, **options)
 
 
+def options_for_file(path: str, options: dict) -> dict:
+    """Network options with the family and sizes a pretrained ViT file sets (read, not loaded)."""
+    from ..models import options_from_release
+    from ..weights import WeightLoadError, read_release
+
+    release = read_release(path)
+    if release is None:
+        raise WeightLoadError(f"{path}: not a ViT release this project knows")
+    return options_from_release(release, options, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medtuning.networks.tools.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--num-slices", type=int, default=None, help="slices per volume (default: img size)")
     parser.add_argument("--reduction", type=int, default=None, help="Med-Adapter alpha (default 6)")
+    parser.add_argument("--pretrained", default=None, metavar="FILE",
+                        help="count the network this pretrained ViT file builds (its family and sizes; not loaded)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -77,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--reduction applies to --method med_adapter only")
         method_options["reduction"] = args.reduction
     try:
+        if args.pretrained:
+            if args.model != "vit_b16_upernet":
+                parser.error("--pretrained reads ViT releases: --model vit_b16_upernet")
+            options = options_for_file(args.pretrained, options)
         model = build_for_summary(args.model, args.method, method_options=method_options, **options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
