@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "DropPath",
     "attention",
+    "every_block",
     "QuickGELU",
     "LayerScale",
     "Mlp",
@@ -44,6 +45,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         scores = scores + bias
     weights = F.dropout(scores.softmax(-1), dropout) if dropout else scores.softmax(-1)
     return weights.to(v.dtype) @ v
+
+
+def every_block(blocks: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of each block in turn (a backbone's ``block_outputs``)."""
+    outs = []
+    for blk in blocks:
+        x = blk(x)
+        outs.append(x)
+    return outs
 
 
 def init_linear(m: nn.Module) -> None:

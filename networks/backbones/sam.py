@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import SliceContext
-from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear
+from .layers import DropPath, Mlp, attention, drop_path_rates, every_block, init_linear
 from .pos_embed import resize_grid
 
 __all__ = ["SamViT", "SamBlock", "SamAttention"]
@@ -172,12 +172,7 @@ class SamViT(nn.Module):
 
     def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The output of every block for images ``[B, C, H, W]``: ``[B, H', W', C]`` as SAM's blocks return it."""
-        x = self.embed(images)
-        outs = []
-        for blk in self.blocks:
-            x = blk(x)
-            outs.append(x)
-        return outs
+        return every_block(self.blocks, self.embed(images))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int], norm_last: bool = False
                               ) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..context import SliceContext
-from .layers import DropPath, LayerScale, Mlp, attention, drop_path_rates, init_linear
+from .layers import DropPath, LayerScale, Mlp, attention, drop_path_rates, every_block, init_linear
 from .pos_embed import POS_EMBED_RULES, resize_pos_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block", "VIT_FAMILIES"]
@@ -227,12 +227,7 @@ class VisionTransformer(nn.Module):
     def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The output of every block for images ``[B, C, H, W]``: ``[B, N, C]``, class and register tokens first,
         as the family's reference code returns them."""
-        x = self.embed(images)
-        outs = []
-        for blk in self.blocks:
-            x = blk(x)
-            outs.append(x)
-        return outs
+        return every_block(self.blocks, self.embed(images))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, ``(B, prefix + h*w, C)``."""
