@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _count_blocks(state: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _split_unused(state: dict, keep: callable, groups: dict[str, str]) -> tuple[dict, dict[str, str]]:
+def _split_unused(state: dict, keep: Callable[[str], bool], groups: dict[str, str]) -> tuple[dict, dict[str, str]]:
     """Keys ``keep`` accepts, and a description of the others grouped by their first matching prefix."""
     kept, counts = {}, {}
     for key, value in state.items():
@@ -254,7 +255,7 @@ def identify_release(state: dict[str, torch.Tensor], path: Path, torchscript: bo
         return _sam(state)
     if any(k.startswith("base_encoder.blocks.") for k in state):
         return _mocov3(state)
-    if "blocks.0.ls1.gamma" in state or re.search(r"blocks\.\d+\.\d+\.ls1\.gamma", " ".join(state)):
+    if any(re.match(r"blocks\.(\d+\.)?\d+\.ls1\.gamma$", k) for k in state):
         return _dinov2(state)
     if "blocks.0.attn.qkv.weight" in state:
         if "decoder_embed.weight" in state:

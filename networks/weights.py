@@ -278,7 +278,8 @@ def load_release(backbone: nn.Module, release: Release, path: str | Path) -> Loa
     """Load a recognised release into a backbone of its family (built by :func:`backbone_from_checkpoint`, or a
     network's backbone built with the options it needs)."""
     family = getattr(backbone, "family", None)
-    same_blocks = not VIT_FAMILIES.get(release.family, {"sam": True}).keys() - {"pos_embed_resize"}
+    # MAE's and MoCo v3's blocks are timm's: only their position-embedding rule differs
+    same_blocks = release.family in VIT_FAMILIES and not set(VIT_FAMILIES[release.family]) - {"pos_embed_resize"}
     if family != release.family and not (family == "timm" and same_blocks):
         raise WeightLoadError(
             f"{path}: a {release.family} release ({release.layout} layout), but the backbone is built as "

@@ -280,3 +280,19 @@ def test_bundle_trains_from_a_release_and_serves_without_it(tmp_path, run):
              "output_dir": str(tmp_path / "predictions"), "sw_overlap": 0.25, "tta": False}
     run_workflow(bundle, ["inference.json"], infer, tmp_path, "infer")
     assert list((tmp_path / "predictions").glob("*.nii.gz"))
+
+
+def test_dinov2_chunked_block_layout_loads_the_same(tmp_path):
+    """DINOv2 models built with block_chunks save blocks.<chunk>.<i>.*; they are the same blocks."""
+    import re
+
+    state = torch.load(FIXTURES / "dinov2.pth", weights_only=True)
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // 2}.{m.group(1)}.", k): v
+               for k, v in state.items()}
+    assert "blocks.1.2.ls1.gamma" in chunked
+    torch.save(chunked, tmp_path / "chunked.pth")
+    backbone, report = backbone_from_checkpoint(tmp_path / "chunked.pth", num_heads=2)
+    assert report.layout == "dinov2" and not report.missing and not report.unexpected
+    ref, _ = reference("dinov2.pth")
+    with torch.no_grad():
+        assert (backbone.eval().block_outputs(ref["input_112"])[-1] - ref["block2_112"]).abs().max() < TOL
