@@ -8,12 +8,14 @@ channels of 124 x 200 x 174, float32, about 69 MB a case) and read once beforeha
 them in the page cache:
 
 * ``patches``: what the bundles train with (:mod:`.patches`): memory-mapped cases, only the patch read,
-  foreground from the precomputed locations, MONAI's flips and intensity transforms on the patch;
+  foreground from the precomputed locations, MONAI's flips (lazily: one flip) and intensity transforms on the
+  patch, labels a byte per voxel (cast on the device);
 * ``monai-default``: the MONAI pipeline the bundles used before, as MONAI's tutorials build it: every sample
   loads its whole case (``cache_rate`` 0), pads it, and ``RandCropByPosNegLabeld`` searches the label map for
   foreground and background voxels, then the same augmentations;
 * ``nnunet``: nnU-Net v2's own ``nnUNetDataLoader`` on the same memory-mapped arrays and saved locations, with
-  flips and an intensity scale from batchgeneratorsv2, when ``--nnunet-python`` names a Python that has nnunetv2
+  the same work from batchgeneratorsv2 (flips, intensity scale and shift, BraTS's region channels, which nnU-Net's
+  region training makes in its loader too), when ``--nnunet-python`` names a Python that has nnunetv2
   (a scratch environment: it needs the package index's torch); otherwise it is reported as not measured. It runs
   in one process: nnU-Net spreads the same work over background workers.
 
@@ -77,17 +79,25 @@ def label_transforms(regions: bool) -> list:
 def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int, regions: bool):
     """The bundles' training data before :mod:`.patches`: whole cases loaded per sample, then padded and
     cropped by ``RandCropByPosNegLabeld`` (a third of the patches centred on foreground), then augmented."""
+    import torch
     from monai.data import CacheDataset
-    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+    from monai.transforms import (Compose, EnsureTyped, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
+                                  RandShiftIntensityd, SpatialPadd)
 
-    from .common import load_transforms, patch_transforms
+    from .common import load_transforms
+
+    keys = ["image", "label"]
+    augment = [*[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)],  # one flip at a time,
+               RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),                   # float32 labels
+               RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+               EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False)]
 
     class WholeCasePatches(CacheDataset):
         def __init__(self):
             crop = [SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
                     RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch_size,
                                            pos=1, neg=2, num_samples=1)]
-            super().__init__(data, Compose(load_transforms(label_transforms(regions)) + crop + patch_transforms()),
+            super().__init__(data, Compose(load_transforms(label_transforms(regions)) + crop + augment),
                              cache_rate=0.0)
 
         def __len__(self):
@@ -107,7 +117,7 @@ def patches_pipeline(data: list[dict], patch_size: list[int], batch_size: int, l
     from .patches import PatchDataset, TrainingCases
 
     return PatchDataset(TrainingCases(data), patch_size, length, batch_size,
-                        Compose(patch_transforms(label_transforms(regions))))
+                        Compose(patch_transforms(label_transforms(regions)), lazy=True))  # as the configs compose them
 
 
 def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: int, batches: int,
@@ -157,12 +167,19 @@ class Labels:
     foreground_labels = [1, 2, 3]
     ignore_label = None
     def annotated_classes_key(self): return (1, 2, 3)
-# the same augmentations as the other pipelines: flips on three axes, intensity scale (batchgeneratorsv2's)
-from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+# the same work as the other pipelines, with batchgeneratorsv2's transforms: flips on three axes, intensity scale
+# and shift, and (BraTS) the label map to region channels, which nnU-Net's region training does in this pipeline
+from batchgeneratorsv2.transforms.intensity.brightness import (BrightnessAdditiveTransform,
+                                                               MultiplicativeBrightnessTransform)
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-transforms = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2)),
-                                MultiplicativeBrightnessTransform((0.9, 1.1), synchronize_channels=False)])
+from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+steps = [MirrorTransform(allowed_axes=(0, 1, 2)),
+         MultiplicativeBrightnessTransform((0.9, 1.1), synchronize_channels=False),
+         BrightnessAdditiveTransform(0.0, 0.05, synchronize_channels=False)]
+if spec["regions"]:
+    steps.append(ConvertSegmentationToRegionsTransform(spec["region_labels"]))
+transforms = ComposeTransforms(steps)
 loader = nnUNetDataLoader(Dataset(spec["data"]), spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
                           oversample_foreground_percent=1 / 3, sampling_probabilities=None, pad_sides=None,
                           probabilistic_oversampling=False, transforms=transforms)
@@ -182,7 +199,8 @@ def run_isolated(args, pipeline: str, data: list[dict], workers: int) -> dict | 
     """One measurement in a fresh process; nnU-Net's in the Python named by ``--nnunet-python`` (no workers: the
     figure is its loader's own work per patch, the same in each of its background workers)."""
     spec = {"pipeline": pipeline, "data": data, "patch_size": args.patch, "batch_size": args.batch,
-            "batches": args.batches, "workers": workers, "regions": args.regions == "brats"}
+            "batches": args.batches, "workers": workers, "regions": args.regions == "brats",
+            "region_labels": BRATS_REGIONS}
     if pipeline == "nnunet":
         if not args.nnunet_python:
             return "not measured: give --nnunet-python (a Python with nnunetv2)"
@@ -206,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=10, help="measured batches per run (after one warm-up)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--regions", choices=["brats", "none"], default="brats",
-                        help="labels to BraTS's ET/TC/WT region channels, as the BraTS bundle trains (nnU-Net's loader "
-                             "returns labels; its trainer makes regions on the GPU side of the batch)")
+                        help="labels to BraTS's ET/TC/WT region channels, as the BraTS bundle and nnU-Net's region "
+                             "training do in their loaders")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--nnunet-python", help="a Python interpreter that imports nnunetv2")
     parser.add_argument("--workdir", help="where the synthetic cases are written (default: a temporary folder)")

@@ -85,6 +85,36 @@ def test_same_seed_same_patches_and_augmentations(tmp_path):
     assert torch.equal(patches(3), patches(3)) and not torch.equal(patches(3), patches(4))
 
 
+def test_lazy_flips_give_the_patches_one_flip_at_a_time_gives(tmp_path):
+    """The configs compose the augmentations lazily (MONAI does the chosen flips as one); for the same seed the
+    images and byte region labels are exactly those of flipping axis by axis."""
+    from monai.transforms import Compose
+
+    from medtuning.bundles.common import patch_transforms
+    from medtuning.bundles.metrics import LabelsToRegionsd
+
+    item, _, _ = write_case(tmp_path)
+    regions = [LabelsToRegionsd(keys="label", regions=[[1]])]
+
+    def patches(lazy):
+        dataset = PatchDataset(TrainingCases([item]), [8, 12, 16], 12, 3, Compose(patch_transforms(regions), lazy=lazy))
+        dataset.set_random_state(5)
+        return [dataset[i] for i in range(12)]
+
+    for lazy, eager in zip(patches(True), patches(False)):
+        assert torch.equal(lazy["image"], eager["image"]) and torch.equal(lazy["label"], eager["label"])
+        assert lazy["image"].dtype == torch.float32 and lazy["label"].dtype == torch.uint8
+    assert regions[0].dtype == torch.float32  # the configured transform (validation's) is left as it is
+
+
+def test_prepare_batch_casts_byte_labels_on_the_device():
+    from medtuning.bundles.common import prepare_batch
+
+    batch = {"image": torch.zeros(2, 1, 4, 4, 4), "label": torch.ones(2, 3, 4, 4, 4, dtype=torch.uint8)}
+    image, label = prepare_batch(batch, torch.device("cpu"))
+    assert image.dtype == torch.float32 and label.dtype == torch.float32 and torch.equal(label, torch.ones_like(label))
+
+
 def test_cache_rate_reads_cases_into_memory(tmp_path):
     items = [write_case(tmp_path, f"case_{i:03d}", seed=i)[0] for i in range(4)]
     cases = TrainingCases(items, cache_rate=0.5)
