@@ -9,7 +9,8 @@ them in the page cache:
 
 * ``patches``: what the bundles train with (:mod:`.patches`): memory-mapped cases, only the patch read,
   foreground from the precomputed locations, MONAI's flips (lazily: one flip) and intensity transforms on the
-  patch, labels a byte per voxel (cast on the device);
+  patch, labels a byte per voxel (cast on the device), workers' batches handed over in reused shared memory
+  (:class:`.patches.SharedBatchRing`);
 * ``monai-default``: the MONAI pipeline the bundles used before, as MONAI's tutorials build it: every sample
   loads its whole case (``cache_rate`` 0), pads it, and ``RandCropByPosNegLabeld`` searches the label map for
   foreground and background voxels, then the same augmentations;
@@ -127,9 +128,12 @@ def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: 
     from monai.data import DataLoader
 
     torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
+    from .patches import SharedBatchRing
+
     build = patches_pipeline if pipeline == "patches" else monai_default_pipeline
     dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size, regions)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    ring = {"collate_fn": SharedBatchRing()} if pipeline == "patches" else {}  # as the configs load them
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, **ring)
     start_cpu = resource.getrusage(resource.RUSAGE_SELF)
     iterator = iter(loader)
     next(iterator)  # warm-up: workers started, first patches made
@@ -221,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, default=[124, 200, 174], help="preprocessed case size z y x")
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=10, help="measured batches per run (after one warm-up)")
+    parser.add_argument("--batches", type=int, default=40,
+                        help="measured batches per run (after one warm-up); enough that starting the workers and "
+                             "their first use of memory weigh little, as over a training run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--regions", choices=["brats", "none"], default="brats",
                         help="labels to BraTS's ET/TC/WT region channels, as the BraTS bundle and nnU-Net's region "

@@ -12,7 +12,8 @@ Augmentation stays MONAI's: the bundles' configs name the transforms, which run 
 
 :class:`TrainingCases` holds the cases (memory-mapped, or read into memory for the first ``cache_rate`` of
 them; raw NIfTI cases from MONAI Label are preprocessed with the plan when first used and kept in memory);
-:class:`PatchDataset` draws ``length`` patches per epoch from them.
+:class:`PatchDataset` draws ``length`` patches per epoch from them; :class:`SharedBatchRing` hands the batches
+that DataLoader workers make to the training process without new shared memory for each.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from monai.transforms import Randomizable
 
 from ..preprocessing.io import DataError
 
-__all__ = ["Case", "TrainingCases", "PatchDataset", "patch_box", "forced_foreground"]
+__all__ = ["Case", "TrainingCases", "PatchDataset", "SharedBatchRing", "patch_box", "forced_foreground"]
 
 
 class Case:
@@ -174,3 +175,48 @@ class PatchDataset(Randomizable, torch.utils.data.Dataset):
         item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label[None]),
                 "case_id": case.case_id}
         return self.transform(item) if self.transform is not None else item
+
+
+class SharedBatchRing:
+    """A DataLoader ``collate_fn`` whose workers write each batch into one of a few shared-memory buffers of their
+    own, reused in turn, instead of into new shared memory per batch.
+
+    PyTorch's default collate in a worker puts every batch into fresh shared memory, which the kernel zero-fills
+    page by page and both processes map and unmap again: for a BraTS batch (76 MB) that cost more CPU than making
+    the patches (``benchmark_loader``, workers rows). Here each worker keeps ``depth`` buffers per batch shape and
+    fills them in turn. That is safe because the DataLoader hands a worker a new batch to make only when the
+    training loop has taken the batch ``prefetch_factor`` before it: with ``depth >= prefetch_factor + 2`` a buffer
+    is written again only after the loop has moved past the batch in it, even while it still holds the previous
+    one. So the training loop must not keep batches beyond the next one (a copy survives: ``.clone()``).
+    In the training process itself (``num_workers`` 0) it is MONAI's ``list_data_collate``.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        if depth < 3:
+            raise ValueError(f"depth {depth}: at least the DataLoader's prefetch_factor + 2 (default 4)")
+        self.depth = int(depth)
+        self.rings: dict[tuple, list[dict[str, torch.Tensor]]] = {}  # per worker process: made there, on first use
+        self.count = 0
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from monai.data import list_data_collate
+
+        if torch.utils.data.get_worker_info() is None or not samples or not isinstance(samples[0], dict):
+            return list_data_collate(samples)
+        tensors = {k: v for k, v in samples[0].items() if isinstance(v, torch.Tensor) and type(v) is torch.Tensor}
+        shape = (len(samples), *((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
+        if any(tuple(s[k].shape) != tuple(v.shape) or s[k].dtype != v.dtype for s in samples[1:]
+               for k, v in tensors.items()):
+            return list_data_collate(samples)
+        ring = self.rings.get(shape)
+        if ring is None:
+            ring = self.rings[shape] = [
+                {k: torch.empty((len(samples), *v.shape), dtype=v.dtype).share_memory_() for k, v in tensors.items()}
+                for _ in range(self.depth)]
+        slot = ring[self.count % self.depth]
+        self.count += 1
+        batch = list_data_collate([{k: v for k, v in s.items() if k not in tensors} for s in samples])
+        for key in tensors:
+            torch.stack([s[key] for s in samples], out=slot[key])
+            batch[key] = slot[key]
+        return batch

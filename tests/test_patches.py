@@ -143,3 +143,43 @@ def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
     assert len(ratios) == 2 and all(math.isfinite(float(r.split(": x")[1].split()[0])) for r in ratios)
     text = page.read_text()
     assert text.startswith("# Benchmarks: training data loader") and "| patches | 2 |" in text
+
+
+class Numbered(torch.utils.data.Dataset):
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, index):
+        return {"image": torch.full((3, 5), float(index)), "label": torch.full((1, 5), index % 256, dtype=torch.uint8),
+                "case_id": f"case_{index}"}
+
+
+@pytest.mark.parametrize("workers,persistent", [(2, True), (3, False)])
+def test_shared_batch_ring_never_overwrites_a_batch_the_loop_still_holds(workers, persistent):
+    """Workers reuse their buffers in turn; every batch arrives whole, and the one before it is still intact when
+    the next arrives (the training loop holds one batch while it asks for the next), over several epochs."""
+    from monai.data import DataLoader
+
+    from medtuning.bundles.patches import SharedBatchRing
+
+    loader = DataLoader(Numbered(), batch_size=4, num_workers=workers, collate_fn=SharedBatchRing(),
+                        persistent_workers=persistent, prefetch_factor=2)
+    for _ in range(3):
+        previous, seen = None, 0
+        for i, batch in enumerate(loader):
+            expected = torch.arange(4 * i, 4 * i + 4, dtype=torch.float32)
+            assert torch.equal(batch["image"][:, 0, 0], expected) and batch["case_id"][0] == f"case_{4 * i}"
+            assert torch.equal(batch["label"][:, 0, 0], expected.to(torch.uint8))
+            if previous is not None:
+                assert torch.equal(previous["image"][:, 0, 0], expected - 4)  # not yet written over
+            previous, seen = batch, seen + 1
+        assert seen == 15
+
+
+def test_shared_batch_ring_in_the_training_process_is_the_usual_collate():
+    from medtuning.bundles.patches import SharedBatchRing
+
+    batch = SharedBatchRing()([Numbered()[0], Numbered()[1]])
+    assert batch["image"].shape == (2, 3, 5) and not batch["image"].is_shared()
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        SharedBatchRing(depth=2)
