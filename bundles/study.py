@@ -396,8 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--rows takes row numbers of --table, 1 to {count}" if args.table else
                          "--rows selects rows of --table; use --methods to choose methods")
     args.backbone = args.backbone or "vit_b16_upernet"
-    if args.network is None:
-        args.network = "paper" if args.dataset_dir else "demo"
+    if args.network is None:  # a sweep's files set their networks; the demo network's taps and widths are for its own
+        args.network = "paper" if args.dataset_dir or args.pretrained_sweep else "demo"
     return args
 
 

@@ -182,7 +182,7 @@ def test_bad_sweeps_are_named(tmp_path, capsys, sweep, message):
 def test_pretrained_sweep_trains_each_file(tmp_path, demo_data):
     args = ["--pretrained-sweep", sweep_arg("sam_vit.pth", "mae_pretrain.pth"), "--methods", "med_adapter",
             "--work", str(tmp_path), "--epochs", "1", "--iterations", "1", "--batch_size", "1",
-            "--dataset_dir", str(demo_data["brats"]), "--network", "paper"]
+            "--dataset_dir", str(demo_data["brats"])]  # the sweep's default network: the paper's
     assert study(args) == 0
     rows = read_csv(tmp_path / "study.csv")
     assert [r["method"] for r in rows] == ["med_adapter · sam", "med_adapter · mae"]
@@ -192,3 +192,4 @@ def test_pretrained_sweep_trains_each_file(tmp_path, demo_data):
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
     page = (tmp_path / "study.md").read_text()
     assert "| method | sam tuned (M) | sam Dice ET | sam Dice TC | sam Dice WT | mae tuned (M)" in page
+    assert "(paper network)" in page.splitlines()[0]
