@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, default=[124, 200, 174], help="preprocessed case size z y x")
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=40,
+    parser.add_argument("--batches", type=int, default=160,
                         help="measured batches per run (after one warm-up); enough that starting the workers and "
                              "their first use of memory weigh little, as over a training run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
