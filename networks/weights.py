@@ -241,7 +241,7 @@ def _vit_state_for(model: VisionTransformer, release: Release, resized: dict) ->
     state = dict(release.state)
     _adapt_patch_embed(state, "patch_embed.proj.weight", model.patch_embed.proj.weight, resized)
     if "pos_embed" in state:
-        src = state["pos_embed"]
+        src = state["pos_embed"].float()  # OpenAI publishes float16: resize in float32, as the model holds it
         src_prefix = 1 if "cls_token" in state else 0
         side = int(round((src.shape[1] - src_prefix) ** 0.5))
         if side * side != src.shape[1] - src_prefix:
@@ -269,7 +269,7 @@ def _sam_state_for(model: SamViT, release: Release, resized: dict) -> dict:
     src = state.get("pos_embed")
     if src is not None and tuple(src.shape[1:3]) != model.grid_size:
         state["pos_embed"] = resize_grid(src.permute(0, 3, 1, 2).float(), model.grid_size, "bilinear").permute(
-            0, 2, 3, 1).to(src.dtype)
+            0, 2, 3, 1)
         resized["pos_embed"] = f"{tuple(src.shape)} -> {tuple(state['pos_embed'].shape)} (bilinear)"
     return state
 

@@ -296,3 +296,16 @@ def test_dinov2_chunked_block_layout_loads_the_same(tmp_path):
     ref, _ = reference("dinov2.pth")
     with torch.no_grad():
         assert (backbone.eval().block_outputs(ref["input_112"])[-1] - ref["block2_112"]).abs().max() < TOL
+
+
+def test_a_float16_release_is_resized_in_float32(tmp_path):
+    """OpenAI publishes CLIP in float16: the position embedding is resized from those values in float32, not
+    rounded to float16 again after resizing."""
+    from medtuning.networks.backbones.pos_embed import resize_pos_embed
+
+    state = torch.load(FIXTURES / "clip_openclip.bin", weights_only=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "half.bin")
+    backbone, _ = backbone_from_checkpoint(tmp_path / "half.bin", num_heads=2, img_size=128)
+    source = state["visual.positional_embedding"].half().float()[None]
+    expected = resize_pos_embed(source, (8, 8), (4, 4), 1, "bicubic_antialias")
+    assert backbone.pos_embed.dtype == torch.float32 and torch.equal(backbone.pos_embed.detach(), expected)
