@@ -121,15 +121,11 @@ TABLES: dict[str, Table] = {t.key: t for t in (
 def pretrained_sweep(methods: list[str], files: dict[str, str]) -> Table:
     """Table 5's layout: every method with every pretrained file. Each row's network takes the family and sizes
     its file sets (read once here, so the paper-size counts are those of the network each file builds)."""
-    from ..networks.models import options_from_release
-    from ..networks.weights import WeightLoadError, read_release
+    from ..networks.models import options_from_file
 
     rows = []
     for name, path in files.items():
-        release = read_release(path)
-        if release is None:
-            raise WeightLoadError(f"{path}: not a ViT release this project knows, so not a --pretrained-sweep entry")
-        options = options_from_release(release, {}, path)
+        options = options_from_file(path, {})[1]
         for method in methods:
             rows.append(Row(f"{method} · {name}", method, network_options=options, weights=name,
                             pretrained=str(path)))

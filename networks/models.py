@@ -29,8 +29,7 @@ from .backbones import build_backbone
 from .backbones.sam import SamViT
 from .backbones.swinunetr_merging import LegacyPatchMerging
 from .backbones.vit import VisionTransformer
-from .weights import (LoadReport, Release, WeightLoadError, load_backbone_weights, load_release, load_swinunetr_weights,
-                      read_release)
+from .weights import LoadReport, Release, load_backbone_weights, load_release, load_swinunetr_weights, read_release
 
 __all__ = ["SliceVolumeNet", "ViTUPerNet", "SwinUNet", "SwinUNETRNet", "build_network", "NETWORKS"]
 
@@ -324,6 +323,12 @@ def options_from_release(release: Release, options: dict, path) -> dict:
     return given
 
 
+def options_from_file(path, options: dict) -> tuple[Release, dict]:
+    """The release a pretrained ViT file is, and :func:`options_from_release` for it."""
+    release = read_release(path)
+    return release, options_from_release(release, options, path)
+
+
 def _normalised(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -367,11 +372,7 @@ def build_network(name: str, method: str = "med_adapter", pretrained: str | Path
         raise ValueError(f"method '{method}' trains from scratch; do not pass pretrained weights")
     release = None
     if pretrained and cls is ViTUPerNet:
-        release = read_release(pretrained)
-        if release is None:
-            raise WeightLoadError(f"{pretrained}: not a ViT checkpoint of any release this project knows (timm, "
-                                  "Google .npz, CLIP, MAE, MoCo v3, DINOv2, SAM)")
-        network_options = options_from_release(release, network_options, pretrained)
+        release, network_options = options_from_file(pretrained, network_options)
     model = cls(**network_options)
     model.network_options = network_options  # as built: a saved model is rebuilt from these without the file
     if pretrained:

@@ -214,9 +214,9 @@ def _adapt_patch_embed(state: dict, key: str, target: torch.Tensor, resized: dic
     resized[key] = f"{tuple(src.shape)} -> {tuple(target.shape)} (input channels adapted as timm's adapt_input_conv)"
 
 
-def read_release(path: str | Path) -> Release | None:
-    """Read a weight file and recognise its release (:mod:`.releases`, or timm / Google); None for other
-    architectures (Swin, SwinUNETR)."""
+def read_release(path: str | Path) -> Release:
+    """Read a weight file and recognise its ViT release (:mod:`.releases`, or timm / Google); any other file is one
+    error naming it."""
     path = Path(path)
     state, ignored = read_checkpoint(path)
     try:
@@ -228,7 +228,9 @@ def read_release(path: str | Path) -> Release | None:
         if _is_google_npz(state):
             state, layout = _google_npz_to_timm(state), "google-npz"
         if "blocks.0.attn.qkv.weight" not in state or "patch_embed.proj.weight" not in state:
-            return None
+            raise WeightLoadError(
+                f"{path}: does not look like a ViT checkpoint of any release this project knows (timm, Google .npz, "
+                "CLIP, MAE, MoCo v3, DINOv2, SAM); Swin and SwinUNETR weights load into their own networks")
         class_token = "cls_token" in state
         options, size = vit_sizes(state, int(class_token))
         release = Release("timm", layout, state, {**options, "class_token": class_token}, size)
@@ -309,9 +311,6 @@ def backbone_from_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, 
     ``block_outputs(images)`` takes any size the family supports, resizing the position embedding the family's way.
     """
     release = read_release(path)
-    if release is None:
-        raise WeightLoadError(f"{path}: not a ViT release this project knows (timm, Google .npz, CLIP, MAE, MoCo v3, "
-                              "DINOv2, SAM); Swin weights load into a network with load_backbone_weights")
     options = {**release.options, "img_size": release.pretrain_img_size,
                "in_chans": int(release.state["patch_embed.proj.weight"].shape[1]), **overrides}
     try:
@@ -385,11 +384,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], path: st
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
     """Load a pretrained ViT (any release :func:`read_release` knows) or Swin checkpoint into ``backbone``."""
     if isinstance(backbone, (VisionTransformer, SamViT)):
-        release = read_release(path)
-        if release is None:
-            raise WeightLoadError(f"{path}: does not look like a ViT checkpoint (no blocks.0.attn.qkv.weight in any "
-                                  "layout this project knows)")
-        return load_release(backbone, release, path)
+        return load_release(backbone, read_release(path), path)
     state, ignored = read_checkpoint(path)
     if isinstance(backbone, SwinTransformer):
         state, layout, resized = convert_swin_checkpoint(state, backbone)

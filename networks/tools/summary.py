@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from ..models import NETWORKS, build_network
+from ..models import NETWORKS, build_network, options_from_file
 from ..pet import available_methods
 
 __all__ = ["parameter_summary", "build_for_summary", "main"]
@@ -56,17 +56,6 @@ def build_for_summary(model: str, method: str, **options) -> nn.Module:
         return build_network(model, method, **options)
 
 
-def options_for_file(path: str, options: dict) -> dict:
-    """Network options with the family and sizes a pretrained ViT file sets (read, not loaded)."""
-    from ..models import options_from_release
-    from ..weights import WeightLoadError, read_release
-
-    release = read_release(path)
-    if release is None:
-        raise WeightLoadError(f"{path}: not a ViT release this project knows")
-    return options_from_release(release, options, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medtuning.networks.tools.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
@@ -93,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretrained:
             if args.model != "vit_b16_upernet":
                 parser.error("--pretrained reads ViT releases: --model vit_b16_upernet")
-            options = options_for_file(args.pretrained, options)
+            options = options_from_file(args.pretrained, options)[1]
         model = build_for_summary(args.model, args.method, method_options=method_options, **options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
