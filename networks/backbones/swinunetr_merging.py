@@ -1,6 +1,6 @@
 """Patch merging as releases trained with an older MONAI SwinUNETR compute it.
 
-MONAI's 3D patch merging before its fix (MONAI issue 4757) concatenated the eight 2x2x2 neighbours with two of
+MONAI's 3D patch merging before its 2022 fix concatenated the eight 2x2x2 neighbours with two of
 them twice (offsets (0,1,0) and (0,0,1)) and two never ((1,1,0) and (0,1,1)); its padding of odd sizes also
 shifted the axes. MONAI kept that order out of its code, but weights trained with it compute with it: the
 CLIP-Driven Universal Model's SwinUNETR release (``model/SwinUNETR.py`` in its repository) does, and
