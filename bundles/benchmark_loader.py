@@ -127,9 +127,9 @@ def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: 
     import torch
     from monai.data import DataLoader
 
-    torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
     from .patches import SharedBatchRing
 
+    torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
     build = patches_pipeline if pipeline == "patches" else monai_default_pipeline
     dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size, regions)
     ring = {"collate_fn": SharedBatchRing()} if pipeline == "patches" else {}  # as the configs load them

@@ -203,7 +203,7 @@ class SharedBatchRing:
 
         if torch.utils.data.get_worker_info() is None or not samples or not isinstance(samples[0], dict):
             return list_data_collate(samples)
-        tensors = {k: v for k, v in samples[0].items() if isinstance(v, torch.Tensor) and type(v) is torch.Tensor}
+        tensors = {k: v for k, v in samples[0].items() if type(v) is torch.Tensor}  # MetaTensors: MONAI's collate
         shape = (len(samples), *((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
         if any(tuple(s[k].shape) != tuple(v.shape) or s[k].dtype != v.dtype for s in samples[1:]
                for k, v in tensors.items()):

@@ -122,7 +122,7 @@ def is_torchscript(path: Path) -> bool:
 def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
     # torch.jit.load runs no Python pickle code: TorchScript is interpreted, and only its tensors are kept
     try:
-        return {k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        return {k: v.detach() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
     except (RuntimeError, OSError) as err:
         raise WeightLoadError(f"{path}: not a readable TorchScript archive: {str(err).splitlines()[0]}") from err
 
