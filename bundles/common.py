@@ -21,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from ..preprocessing.io import DataError
+from ..preprocessing.io import PREPROCESSED_ENDINGS, DataError, read_array
 
 logger = logging.getLogger("medtuning")
 
@@ -188,8 +188,8 @@ def case_id_of(path: str | Path) -> str:
 
 
 class LoadCased(MapTransform):
-    """A training case: preprocessed ``.npy`` files (the preprocessing stage's output) as they are, or raw NIfTI
-    image(s) and label map (MONAI Label's datastore) preprocessed on the fly with the plan."""
+    """A training case: preprocessed ``.npy`` files (the preprocessing stage's output; nnU-Net v2's ``.b2nd`` too) as
+    they are, or raw NIfTI image(s) and label map (MONAI Label's datastore) preprocessed on the fly with the plan."""
 
     def __init__(self, plan_file: str | Path | None = None, image_key: str = "image", label_key: str = "label"):
         super().__init__([image_key, label_key])
@@ -199,8 +199,8 @@ class LoadCased(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         image, label = d[self.image_key], d[self.label_key]
-        if isinstance(image, (str, Path)) and str(image).endswith(".npy"):
-            d[self.image_key], d[self.label_key] = np.load(image), np.load(label)
+        if isinstance(image, (str, Path)) and str(image).endswith(PREPROCESSED_ENDINGS):
+            d[self.image_key], d[self.label_key] = read_array(image), read_array(label)
             return d
         from ..preprocessing.planning import load_plan
         from ..preprocessing.preprocessor import preprocess_labelled_images

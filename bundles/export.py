@@ -61,6 +61,8 @@ DATA_LICENSES = {
 # what the configs, MONAI's bundle commands and the MONAI networks this code builds use besides its own imports
 # (PyYAML: large_files.yml; einops: MONAI's SwinUNETR)
 CONFIG_PACKAGES = ("tensorboard", "fire", "pytorch-ignite", "PyYAML", "einops")
+# imported only for an optional input format (blosc2: nnU-Net v2's .b2nd cases), so not a bundle requirement
+OPTIONAL_MODULES = {"blosc2"}
 CODE_REFERENCE = re.compile(rf"(?<![\w.]){PACKAGE}\.(?=({'|'.join(SUBPACKAGES)})\b)")
 
 
@@ -96,7 +98,7 @@ def required_packages(files: list[Path]) -> dict[str, str]:
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules.add(node.module.split(".")[0])
-    modules -= set(sys.stdlib_module_names) | {"torch", "monai", "numpy", PACKAGE, "__future__"}
+    modules -= set(sys.stdlib_module_names) | {"torch", "monai", "numpy", PACKAGE, "__future__"} | OPTIONAL_MODULES
     distributions = importlib.metadata.packages_distributions()
     names = {dist for module in modules for dist in distributions.get(module, [])} | set(CONFIG_PACKAGES)
     return {name: importlib.metadata.version(name) for name in sorted(names, key=str.lower)}

@@ -26,7 +26,7 @@ import torch
 from monai.data.utils import set_rnd
 from monai.transforms import Randomizable
 
-from ..preprocessing.io import DataError
+from ..preprocessing.io import PREPROCESSED_ENDINGS, DataError, read_array
 
 __all__ = ["Case", "TrainingCases", "PatchDataset", "SharedBatchRing", "patch_box", "forced_foreground"]
 
@@ -38,22 +38,22 @@ class Case:
     def __init__(self, image: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray], case_id: str):
         self.image, self.label, self.locations, self.case_id = image, label, locations, case_id
         self.shape = tuple(int(n) for n in image.shape[1:])
+        # (1, z, y, x) labels are indexed with their channel: taking label[0] first would decompress a whole
+        # Blosc2 array
+        self._channel = (0,) if len(label.shape) == 4 else ()
 
     @classmethod
     def open(cls, item: dict, in_memory: bool = False) -> "Case":
-        """A preprocessed case from its data dict (``image``, ``label``: ``.npy`` files), memory-mapped unless
-        ``in_memory``; its locations from ``CASE_locations.npz`` beside them."""
+        """A preprocessed case from its data dict (``image``, ``label``: ``.npy`` files, or nnU-Net v2's ``.b2nd``),
+        memory-mapped unless ``in_memory``; its locations from ``CASE_locations.npz`` beside them."""
         image_path, label_path = Path(item["image"]), Path(item["label"])
-        mode = None if in_memory else "r"
-        try:
-            image, label = np.load(image_path, mmap_mode=mode), np.load(label_path, mmap_mode=mode)
-        except (OSError, ValueError) as error:
-            raise DataError(f"{image_path}: cannot be read as a preprocessed case ({error})") from None
-        label = label[0] if label.ndim == 4 else label
-        if image.shape[1:] != label.shape:
-            raise DataError(f"{label_path}: shape {label.shape} does not match the image's {image.shape[1:]}")
-        locations_path = image_path.with_name(f"{image_path.stem}_locations.npz")
-        case_id = str(item.get("case_id", image_path.stem))
+        image, label = read_array(image_path, mapped=not in_memory), read_array(label_path, mapped=not in_memory)
+        if tuple(image.shape[1:]) != tuple(label.shape[-3:]) or len(label.shape) not in (3, 4):
+            raise DataError(f"{label_path}: shape {tuple(label.shape)} does not match the image's "
+                            f"{tuple(image.shape[1:])}")
+        stem = image_path.name[: -len(image_path.suffix)]
+        locations_path = image_path.with_name(f"{stem}_locations.npz")
+        case_id = str(item.get("case_id", stem))
         if not locations_path.is_file():  # an older preprocessing run: sample them now (once per case, not per patch)
             return cls.from_arrays(image, label, case_id)
         with np.load(locations_path) as stored:
@@ -66,8 +66,9 @@ class Case:
         """A case held in memory (or mapped) whose foreground locations are sampled here, as preprocessing does."""
         from ..preprocessing.case import sample_class_locations
 
+        label = np.asarray(label[...])
         label = label[0] if label.ndim == 4 else label
-        locations = sample_class_locations(np.asarray(label), [int(v) for v in np.unique(label) if v > 0])
+        locations = sample_class_locations(label, [int(v) for v in np.unique(label) if v > 0])
         return cls(image, label, locations, case_id)
 
     def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +87,8 @@ class Case:
                     image[(slice(None), *box)] = 0
                     label[box] = 0
         image[(slice(None), *target)] = self.image[(slice(None), *inside)]
-        np.maximum(self.label[inside], 0, out=label[target], casting="unsafe")  # -1 (outside the mask): background
+        # -1 (outside the mask): background
+        np.maximum(self.label[(*self._channel, *inside)], 0, out=label[target], casting="unsafe")
         return image, label
 
 
@@ -126,7 +128,7 @@ class TrainingCases(torch.utils.data.Dataset):
 
     def _open(self, index: int, in_memory: bool = False) -> Case:
         item = self.data[index]
-        if str(item["image"]).endswith(".npy"):
+        if str(item["image"]).endswith(PREPROCESSED_ENDINGS):
             return Case.open(item, in_memory)
         loaded = self._load_raw(item)
         return Case.from_arrays(loaded["image"], loaded["label"], str(loaded["case_id"]))

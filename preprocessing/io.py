@@ -407,6 +407,33 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
+PREPROCESSED_ENDINGS = (".npy", ".b2nd")
+
+
+def read_array(path: str | os.PathLike, mapped: bool = False):
+    """A preprocessed array: ``.npy`` (this pipeline's, read whole or memory-mapped) or ``.b2nd`` (nnU-Net v2's
+    Blosc2 chunks; mapped, it decompresses only the chunks a slice touches). Mapped arrays are sliced like NumPy
+    arrays and slices come back as NumPy arrays. A file that is neither, or damaged, is one DataError naming it."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".b2nd"):
+            try:
+                import blosc2
+            except ImportError:
+                raise DataError(f"{path}: Blosc2 arrays (nnU-Net v2's .b2nd) need the blosc2 package "
+                                f"(pip install blosc2)") from None
+            # one thread: DataLoader workers are the parallelism, as in nnU-Net's loader
+            array = blosc2.open(str(path), mode="r", mmap_mode="r", dparams={"nthreads": 1})
+            return array if mapped else array[...]
+        if not path.name.endswith(".npy"):
+            raise DataError(f"{path}: not a preprocessed array (expected one of {', '.join(PREPROCESSED_ENDINGS)})")
+        return np.load(path, mmap_mode="r" if mapped else None)
+    except DataError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        raise DataError(f"{path}: cannot be read as a preprocessed array ({error})") from None
+
+
 def read_json(path: str | os.PathLike, missing: str) -> dict:
     """A JSON file, or a DataError naming it: ``missing`` says what to do when it is not there."""
     path = Path(path)

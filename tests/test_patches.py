@@ -31,6 +31,16 @@ def write_case(folder, name="case_000", shape=(20, 30, 40), seed=0):
     return {"image": str(folder / f"{name}.npy"), "label": str(folder / f"{name}_seg.npy"), "case_id": name}, image, seg
 
 
+def write_blosc2_case(folder, item, image, seg, chunks=(1, 8, 16, 16), blocks=(1, 4, 8, 8)):
+    """The same case as nnU-Net v2 stores it: CASE.b2nd and CASE_seg.b2nd in chunks smaller than the case (the
+    locations file beside them is shared)."""
+    blosc2 = pytest.importorskip("blosc2")
+    name = item["case_id"]
+    blosc2.asarray(image, urlpath=str(folder / f"{name}.b2nd"), chunks=chunks, blocks=blocks, mode="w")
+    blosc2.asarray(seg[None], urlpath=str(folder / f"{name}_seg.b2nd"), chunks=chunks, blocks=blocks, mode="w")
+    return {"image": str(folder / f"{name}.b2nd"), "label": str(folder / f"{name}_seg.b2nd"), "case_id": name}
+
+
 def test_nnunet_oversampling_rule():
     assert [forced_foreground(i, 2) for i in range(2)] == [False, True]
     assert [forced_foreground(i, 3) for i in range(3)] == [False, False, True]
@@ -115,6 +125,43 @@ def test_prepare_batch_casts_byte_labels_on_the_device():
     assert image.dtype == torch.float32 and label.dtype == torch.float32 and torch.equal(label, torch.ones_like(label))
 
 
+def test_blosc2_cases_give_the_same_patches_as_npy_cases(tmp_path):
+    """nnU-Net v2's .b2nd arrays are read chunk by chunk, mapped; for the same seed a patch dataset on them yields
+    exactly the patches of the .npy case (bounds, padding, foreground centring), and LoadCased reads them whole."""
+    from monai.transforms import Compose
+
+    from medtuning.bundles.common import LoadCased, patch_transforms
+
+    item, image, seg = write_case(tmp_path)
+    packed = write_blosc2_case(tmp_path, item, image, seg)
+
+    def patches(entry):
+        dataset = PatchDataset(TrainingCases([entry]), [8, 12, 16], 24, 3, Compose(patch_transforms(), lazy=True))
+        dataset.set_random_state(1)
+        return [dataset[i] for i in range(24)]
+
+    for a, b in zip(patches(item), patches(packed)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert not isinstance(Case.open(packed).image, np.ndarray)  # mapped: only the chunks a patch touches are read
+    loaded = LoadCased()(dict(packed))
+    np.testing.assert_array_equal(loaded["image"], image)
+    np.testing.assert_array_equal(loaded["label"], seg[None])
+
+
+def test_blosc2_cases_without_blosc2_or_damaged_name_their_file(tmp_path, monkeypatch):
+    from medtuning.preprocessing.io import DataError
+
+    item, image, seg = write_case(tmp_path)
+    packed = write_blosc2_case(tmp_path, item, image, seg)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "blosc2", None)
+        with pytest.raises(DataError, match=r"case_000\.b2nd: Blosc2 arrays .* need the blosc2 package"):
+            TrainingCases([packed])[0]
+    (tmp_path / "case_000.b2nd").write_bytes(b"not an array")
+    with pytest.raises(DataError, match=r"case_000\.b2nd: cannot be read as a preprocessed array"):
+        TrainingCases([packed])[0]
+
+
 def test_cache_rate_reads_cases_into_memory(tmp_path):
     items = [write_case(tmp_path, f"case_{i:03d}", seed=i)[0] for i in range(4)]
     cases = TrainingCases(items, cache_rate=0.5)
@@ -127,7 +174,7 @@ def test_an_unreadable_case_names_its_file(tmp_path):
 
     item, _, _ = write_case(tmp_path)
     (tmp_path / "case_000.npy").write_bytes(b"not an array")
-    with pytest.raises(DataError, match="case_000.npy: cannot be read as a preprocessed case"):
+    with pytest.raises(DataError, match="case_000.npy: cannot be read as a preprocessed array"):
         TrainingCases([item])[0]
 
 
