@@ -1,11 +1,14 @@
 """Training data loaders side by side: patches per second and CPU seconds per patch, on the same preprocessed cases.
 
     python -m medtuning.bundles.benchmark_loader [--cases 4] [--shape 124 200 174] [--workers 0 2 4]
-        [--markdown docs/benchmarks/loader.md]
+        [--storage npy b2nd] [--nnunet-python PYTHON] [--markdown docs/benchmarks/loader.md]
 
 Pipelines, each run in a fresh process per worker count, on cases written once (BraTS-size by default: 4
 channels of 124 x 200 x 174, float32, about 69 MB a case) and read once beforehand so that every pipeline finds
-them in the page cache:
+them in the page cache. The cases are stored twice: as this project's preprocessing writes them (``.npy``,
+memory-mapped) and as nnU-Net v2 does (``.b2nd``: Blosc2 chunks, LZ4HC; written by nnU-Net's own
+``nnUNetDatasetBlosc2.save_case`` with its chunk rule for the patch size when ``--nnunet-python`` is given,
+otherwise by blosc2 with its default chunks):
 
 * ``patches``: what the bundles train with (:mod:`.patches`): memory-mapped cases, only the patch read,
   foreground from the precomputed locations, MONAI's flips (lazily: one flip) and intensity transforms on the
@@ -27,6 +30,7 @@ count the CPU time of the process and of its DataLoader workers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -39,11 +43,13 @@ from pathlib import Path
 import numpy as np
 
 PIPELINES = ("patches", "monai-default", "nnunet")
+STORAGES = ("npy", "b2nd")
 
 
 def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -> list[dict]:
     """Synthetic preprocessed cases in the preprocessing stage's layout (``CASE.npy``, ``CASE_seg.npy``,
-    ``CASE_locations.npz``): z-scored noise, a tumour-like ellipsoid of three labels, -1 outside a nonzero box."""
+    ``CASE_locations.npz``): z-scored noise, a tumour-like ellipsoid of three labels, -1 outside a nonzero box,
+    where the image is 0 (as z-scoring within the nonzero mask leaves it)."""
     from ..preprocessing.case import sample_class_locations
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,12 +66,54 @@ def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -
             seg[r < 1.0], seg[r < 0.5], seg[r < 0.2] = 2, 1, 3
             seg[:, :, : shape[2] // 10] = -1
             image = rng.standard_normal((channels, *shape), dtype=np.float32)
+            image[:, seg < 0] = 0
             np.save(paths["image"], image)
             np.save(paths["label"], seg[None])
             locations = sample_class_locations(seg[None], [1, 2, 3])
             np.savez(folder / f"{case}_locations.npz", **{str(k): v for k, v in locations.items()})
         data.append({k: str(v) for k, v in paths.items()})
     return data
+
+
+NNUNET_WRITER = r"""
+import json, sys, numpy as np
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
+spec = json.loads(sys.argv[1])
+# as nnU-Net v2's DefaultPreprocessor.run_case_save: int16 labels, chunks and blocks for the patch size
+for item, target in zip(spec["data"], spec["targets"]):
+    data, seg = np.load(item["image"]), np.load(item["label"]).astype(np.int16)
+    with np.load(item["image"][:-4] + "_locations.npz") as stored:
+        properties = {"class_locations": {int(k): stored[k] for k in stored.files}}
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(spec["patch_size"]), data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(spec["patch_size"]), seg.itemsize)
+    nnUNetDatasetBlosc2.save_case(data, seg, properties, target, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+"""
+
+
+def write_blosc2_cases(data: list[dict], folder: Path, patch_size: list[int],
+                       nnunet_python: str | None) -> tuple[list[dict], str]:
+    """The same cases as nnU-Net v2 stores them (``CASE.b2nd``, ``CASE_seg.b2nd``, ``CASE.pkl``), with the locations
+    file beside them; by nnU-Net's own writer where a Python with nnunetv2 is given. Returns the data dicts and who
+    wrote them."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    packed = [{"image": str(folder / f"{d['case_id']}.b2nd"), "label": str(folder / f"{d['case_id']}_seg.b2nd"),
+               "case_id": d["case_id"]} for d in data]
+    for item, target in zip(data, packed):
+        shutil.copyfile(item["image"][:-4] + "_locations.npz", target["image"][:-5] + "_locations.npz")
+    if nnunet_python:
+        spec = {"data": data, "targets": [p["image"][:-5] for p in packed], "patch_size": patch_size}
+        subprocess.run([nnunet_python, "-c", NNUNET_WRITER, json.dumps(spec)], check=True, capture_output=True)
+        return packed, "nnU-Net's nnUNetDatasetBlosc2.save_case, its chunks for the patch size"
+    import blosc2
+
+    for item, target in zip(data, packed):
+        for key in ("image", "label"):
+            blosc2.asarray(np.load(item[key]), urlpath=target[key], mode="w",
+                           cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5})
+    return packed, "blosc2 with its default chunks (give --nnunet-python for nnU-Net's writer)"
 
 
 BRATS_REGIONS = [[3], [1, 3], [1, 2, 3]]  # ET, TC, WT: the BraTS bundle's label transform
@@ -184,7 +232,13 @@ steps = [MirrorTransform(allowed_axes=(0, 1, 2)),
 if spec["regions"]:
     steps.append(ConvertSegmentationToRegionsTransform(spec["region_labels"]))
 transforms = ComposeTransforms(steps)
-loader = nnUNetDataLoader(Dataset(spec["data"]), spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
+if spec["storage"] == "b2nd":  # nnU-Net's own reader of the files its writer made
+    import os
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    dataset = nnUNetDatasetBlosc2(os.path.dirname(spec["data"][0]["image"]), [d["case_id"] for d in spec["data"]])
+else:
+    dataset = Dataset(spec["data"])
+loader = nnUNetDataLoader(dataset, spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
                           oversample_foreground_percent=1 / 3, sampling_probabilities=None, pad_sides=None,
                           probabilistic_oversampling=False, transforms=transforms)
 next(loader)
@@ -199,10 +253,10 @@ print(json.dumps({"patches": count, "seconds": seconds, "patches_per_s": count /
 """
 
 
-def run_isolated(args, pipeline: str, data: list[dict], workers: int) -> dict | str:
+def run_isolated(args, pipeline: str, storage: str, data: list[dict], workers: int) -> dict | str:
     """One measurement in a fresh process; nnU-Net's in the Python named by ``--nnunet-python`` (no workers: the
     figure is its loader's own work per patch, the same in each of its background workers)."""
-    spec = {"pipeline": pipeline, "data": data, "patch_size": args.patch, "batch_size": args.batch,
+    spec = {"pipeline": pipeline, "storage": storage, "data": data, "patch_size": args.patch, "batch_size": args.batch,
             "batches": args.batches, "workers": workers, "regions": args.regions == "brats",
             "region_labels": BRATS_REGIONS}
     if pipeline == "nnunet":
@@ -233,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="labels to BraTS's ET/TC/WT region channels, as the BraTS bundle and nnU-Net's region "
                              "training do in their loaders")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--storage", nargs="+", default=list(STORAGES), choices=STORAGES,
+                        help="npy: memory-mapped, as this project's preprocessing writes cases; b2nd: nnU-Net v2's "
+                             "Blosc2 chunks (needs blosc2); the MONAI default pipeline reads npy only")
     parser.add_argument("--nnunet-python", help="a Python interpreter that imports nnunetv2")
     parser.add_argument("--workdir", help="where the synthetic cases are written (default: a temporary folder)")
     parser.add_argument("--markdown", metavar="PAGE", help="write the table into this page's section for this setting")
@@ -249,24 +306,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="medtuning-loader-") as scratch:
         folder = Path(args.workdir or scratch) / "preprocessed"
-        data = write_cases(folder, args.cases, args.shape)
-        for item in data:  # into the page cache, for every pipeline alike
-            for key in ("image", "label"):
-                Path(item[key]).read_bytes()
+        stored = {"npy": write_cases(folder, args.cases, args.shape)}
+        notes = []
+        if "b2nd" in args.storage:
+            if importlib.util.find_spec("blosc2") is None:
+                notes.append("b2nd: not measured, blosc2 is not installed (pip install blosc2)")
+            else:
+                stored["b2nd"], writer = write_blosc2_cases(stored["npy"], folder.with_name("b2nd"), args.patch,
+                                                            args.nnunet_python)
+                sizes = [sum(Path(d[k]).stat().st_size for d in stored[kind] for k in ("image", "label"))
+                         for kind in STORAGES]
+                notes.append(f"b2nd written by {writer}: {sizes[1] / 2**20:.0f} MiB on disk for "
+                             f"{sizes[0] / 2**20:.0f} MiB of npy")
+        for data in stored.values():  # into the page cache, for every pipeline alike
+            for item in data:
+                for key in ("image", "label"):
+                    Path(item[key]).read_bytes()
         rows = []
         print(f"{args.cases} cases of {args.shape}, patches {args.patch}, batch {args.batch}, {args.batches} "
               f"batches per run, {os.cpu_count()} CPUs")
+        for note in notes:
+            print(note)
         for workers in args.workers:
             for pipeline in args.pipelines:
-                if pipeline == "nnunet" and workers:
-                    continue
-                result = run_isolated(args, pipeline, data, workers)
-                rows.append((pipeline, workers, result))
-                shown = result if isinstance(result, str) else (
-                    f"{result['patches_per_s']:7.2f} patches/s, {result['cpu_s_per_patch']:.3f} CPU-s/patch")
-                print(f"  {pipeline:14s} workers {workers}: {shown}", flush=True)
-    summary = ratios(rows)
-    for line in summary:
+                for storage in (s for s in args.storage if s in stored):
+                    if (pipeline == "nnunet" and workers) or (pipeline == "monai-default" and storage != "npy"):
+                        continue
+                    result = run_isolated(args, pipeline, storage, stored[storage], workers)
+                    rows.append((pipeline, storage, workers, result))
+                    shown = result if isinstance(result, str) else (
+                        f"{result['patches_per_s']:7.2f} patches/s, {result['cpu_s_per_patch']:.3f} CPU-s/patch")
+                    print(f"  {pipeline:14s} {storage:5s} workers {workers}: {shown}", flush=True)
+    summary = notes + ratios(rows)
+    for line in summary[len(notes):]:
         print(line)
     if args.markdown:
         write_markdown(args, rows, summary, argv if argv is not None else sys.argv[1:])
@@ -274,18 +346,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ratios(rows: list) -> list[str]:
-    """The new loader against the old one per CPU second (same worker count), and against nnU-Net's."""
-    found = {(p, w): r for p, w, r in rows if isinstance(r, dict)}
+    """The new loader against the old one per CPU second (same worker count, npy), Blosc2 against memory-mapped
+    npy, and each storage against nnU-Net's loader on the same files."""
+    found = {(p, s, w): r for p, s, w, r in rows if isinstance(r, dict)}
     lines = []
-    for (pipeline, workers), result in sorted(found.items()):
-        old = found.get(("monai-default", workers))
-        if pipeline == "patches" and old:
-            lines.append(f"patches/s per CPU-second, workers {workers}: x{old['cpu_s_per_patch'] / result['cpu_s_per_patch']:.1f} "
-                         f"the MONAI default's (target >= 10)")
-    nnunet = found.get(("nnunet", 0))
-    if nnunet and ("patches", 0) in found:
-        lines.append(f"CPU-s per patch vs nnU-Net's loader: x{found[('patches', 0)]['cpu_s_per_patch'] / nnunet['cpu_s_per_patch']:.2f}"
-                     f" (target <= 1)")
+    for workers in sorted({w for _, _, w in found}):
+        old, mapped = found.get(("monai-default", "npy", workers)), found.get(("patches", "npy", workers))
+        packed = found.get(("patches", "b2nd", workers))
+        if mapped and old:
+            gain = old["cpu_s_per_patch"] / mapped["cpu_s_per_patch"]
+            lines.append(f"patches/s per CPU-second, workers {workers}: x{gain:.1f} the MONAI default's (target >= 10)")
+        if mapped and packed:
+            cost = packed["cpu_s_per_patch"] / mapped["cpu_s_per_patch"]
+            lines.append(f"b2nd vs npy, workers {workers}: x{cost:.2f} the CPU-s per patch")
+    for storage in STORAGES:
+        nnunet, ours = found.get(("nnunet", storage, 0)), found.get(("patches", storage, 0))
+        if nnunet and ours:
+            lines.append(f"CPU-s per patch vs nnU-Net's loader, {storage}: "
+                         f"x{ours['cpu_s_per_patch'] / nnunet['cpu_s_per_patch']:.2f} (target <= 1)")
     return lines
 
 
@@ -293,12 +371,13 @@ def write_markdown(args, rows: list, summary: list[str], argv: list[str]) -> Non
     from ..networks.tools.report import command_line, markdown_table, write_section
 
     table = []
-    for pipeline, workers, result in rows:
+    for pipeline, storage, workers, result in rows:
         if isinstance(result, str):
-            table.append([pipeline, str(workers), result, ""])
+            table.append([pipeline, storage, str(workers), result, ""])
         else:
-            table.append([pipeline, str(workers), f"{result['patches_per_s']:.2f}", f"{result['cpu_s_per_patch']:.3f}"])
-    body = markdown_table(["pipeline", "workers", "patches / s", "CPU-s / patch"], table, "lrrr")
+            table.append([pipeline, storage, str(workers), f"{result['patches_per_s']:.2f}",
+                          f"{result['cpu_s_per_patch']:.3f}"])
+    body = markdown_table(["pipeline", "storage", "workers", "patches / s", "CPU-s / patch"], table, "llrrr")
     body += "\n\n" + "\n".join(f"- {line}" for line in summary)
     title = (f"{args.cases} cases of {'x'.join(map(str, args.shape))}, {args.batch} patches of "
              f"{'x'.join(map(str, args.patch))} per batch")

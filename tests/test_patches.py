@@ -185,11 +185,14 @@ def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
                           "40", "40", "--patch", "16", "32", "32", "--batches", "2", "--workers", "0", "2",
                           "--markdown", str(page)], cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr
-    assert "nnunet         workers 0: not measured: give --nnunet-python" in out.stdout
-    ratios = [line for line in out.stdout.splitlines() if line.startswith("patches/s per CPU-second")]
-    assert len(ratios) == 2 and all(math.isfinite(float(r.split(": x")[1].split()[0])) for r in ratios)
+    assert "nnunet         npy   workers 0: not measured: give --nnunet-python" in out.stdout
+    assert "b2nd written by blosc2 with its default chunks" in out.stdout  # no nnU-Net here to write them
+    for kind in ("patches/s per CPU-second", "b2nd vs npy"):  # a ratio per worker count, measured
+        ratios = [line for line in out.stdout.splitlines() if line.startswith(kind)]
+        assert len(ratios) == 2 and all(math.isfinite(float(r.split(": x")[1].split()[0])) for r in ratios)
     text = page.read_text()
-    assert text.startswith("# Benchmarks: training data loader") and "| patches | 2 |" in text
+    assert text.startswith("# Benchmarks: training data loader")
+    assert "| patches | npy | 2 |" in text and "| patches | b2nd | 2 |" in text
 
 
 class Numbered(torch.utils.data.Dataset):
