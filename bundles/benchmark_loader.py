@@ -14,17 +14,24 @@ otherwise by blosc2 with its default chunks):
   foreground from the precomputed locations, MONAI's flips (lazily: one flip) and intensity transforms on the
   patch, labels a byte per voxel (cast on the device), workers' batches handed over in reused shared memory
   (:class:`.patches.SharedBatchRing`);
-* ``monai-default``: the MONAI pipeline the bundles used before, as MONAI's tutorials build it: every sample
-  loads its whole case (``cache_rate`` 0), pads it, and ``RandCropByPosNegLabeld`` searches the label map for
-  foreground and background voxels, then the same augmentations;
+* ``monai-before``: the MONAI pipeline the bundles trained with before :mod:`.patches`, as MONAI's tutorials
+  build it and as it ran then: every sample loads its whole case (``cache_rate`` 0), turns its label map into
+  float32 region channels (``torch.isin`` per region, the bundles' region transform then), pads it, and
+  ``RandCropByPosNegLabeld`` searches the label map for foreground and background voxels, then the same
+  augmentations, on 4 KiB pages (PyTorch's default);
+* ``monai-default``: the same pipeline on today's shared pieces (the vectorised region transform, huge pages),
+  which made it faster too;
 * ``nnunet``: nnU-Net v2's own ``nnUNetDataLoader`` on the same memory-mapped arrays and saved locations, with
   the same work from batchgeneratorsv2 (flips, intensity scale and shift, BraTS's region channels, which nnU-Net's
   region training makes in its loader too), when ``--nnunet-python`` names a Python that has nnunetv2
   (a scratch environment: it needs the package index's torch); otherwise it is reported as not measured. It runs
   in one process: nnU-Net spreads the same work over background workers.
 
-Patches per second count wall time over the measured batches after one warm-up batch; CPU seconds per patch
-count the CPU time of the process and of its DataLoader workers.
+Steady state, as over a training run with persistent workers: the measured batches start once every worker has
+made four (workers started, cases mapped, batch buffers filled once; that CPU time is reported apart as start-up)
+and end while the workers still have batches in flight, as at the start. Patches per second count wall time over
+the measured batches; CPU seconds per patch count the CPU time of the process and of its DataLoader workers over
+them. The training loop reads every page of each batch it gets, as a copy to the device does.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-PIPELINES = ("patches", "monai-default", "nnunet")
+PIPELINES = ("patches", "monai-before", "monai-default", "nnunet")
 STORAGES = ("npy", "b2nd")
 
 
@@ -119,15 +125,34 @@ def write_blosc2_cases(data: list[dict], folder: Path, patch_size: list[int],
 BRATS_REGIONS = [[3], [1, 3], [1, 2, 3]]  # ET, TC, WT: the BraTS bundle's label transform
 
 
-def label_transforms(regions: bool) -> list:
+def label_transforms(regions: bool, before: bool = False) -> list:
     from .metrics import LabelsToRegionsd
 
-    return [LabelsToRegionsd(keys="label", regions=BRATS_REGIONS)] if regions else []
+    if not regions:
+        return []
+    return [RegionsByIsin(BRATS_REGIONS) if before else LabelsToRegionsd(keys="label", regions=BRATS_REGIONS)]
 
 
-def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int, regions: bool):
+class RegionsByIsin:
+    """The bundles' label-to-regions transform before :mod:`.patches` (one ``torch.isin`` per region, float32
+    channels), kept here to measure the pipeline as it ran then."""
+
+    def __init__(self, regions: list[list[int]]):
+        self.regions = regions
+
+    def __call__(self, data: dict) -> dict:
+        import torch
+
+        label = torch.as_tensor(data["label"])
+        label = label[0] if label.ndim == 4 else label
+        return {**data, "label": torch.stack([torch.isin(label, torch.as_tensor(r)) for r in self.regions]).float()}
+
+
+def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: int, length: int, regions: bool,
+                           before: bool = False):
     """The bundles' training data before :mod:`.patches`: whole cases loaded per sample, then padded and
-    cropped by ``RandCropByPosNegLabeld`` (a third of the patches centred on foreground), then augmented."""
+    cropped by ``RandCropByPosNegLabeld`` (a third of the patches centred on foreground), then augmented;
+    ``before``: with the region transform of then."""
     import torch
     from monai.data import CacheDataset
     from monai.transforms import (Compose, EnsureTyped, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
@@ -146,7 +171,7 @@ def monai_default_pipeline(data: list[dict], patch_size: list[int], batch_size: 
             crop = [SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
                     RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch_size,
                                            pos=1, neg=2, num_samples=1)]
-            super().__init__(data, Compose(load_transforms(label_transforms(regions)) + crop + augment),
+            super().__init__(data, Compose(load_transforms(label_transforms(regions, before)) + crop + augment),
                              cache_rate=0.0)
 
         def __len__(self):
@@ -169,32 +194,68 @@ def patches_pipeline(data: list[dict], patch_size: list[int], batch_size: int, l
                         Compose(patch_transforms(label_transforms(regions)), lazy=True))  # as the configs compose them
 
 
+def touch(batch: dict) -> None:
+    """Read one value per memory page of the batch's tensors, as a training step's copy to the device reads them
+    all: a batch handed over from a worker costs the training process the pages it then maps in."""
+    import torch
+
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.is_contiguous():
+            value.view(-1)[:: max(1, 4096 // value.element_size())].sum()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (``/proc/PID/stat``)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids() -> list[int]:
+    """This process's children (the DataLoader workers), from their ``/proc`` entries."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
+            continue
+    return pids
+
+
 def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: int, batches: int,
             workers: int, regions: bool) -> dict:
-    """Run one pipeline in this process (fresh: the CPU time of its workers is counted once they have exited)."""
+    """Run one pipeline in this process, in steady state: the measured batches start once every worker has made
+    its first few (workers started, cases mapped, buffers filled once: ``startup_cpu_s``), and end while the
+    workers still have batches in flight, as at the start."""
     import torch
     from monai.data import DataLoader
 
     from .patches import SharedBatchRing
 
     torch.set_num_threads(1)  # one patch per core: what a DataLoader worker gets
-    build = patches_pipeline if pipeline == "patches" else monai_default_pipeline
-    dataset = build(data, patch_size, batch_size, (batches + 1) * batch_size, regions)
+    warm, tail = 4 * max(workers, 1), 2 * workers  # 4: the batch ring's depth; 2: DataLoader's prefetch_factor
+    length = (warm + batches + tail) * batch_size
+    if pipeline == "patches":
+        dataset = patches_pipeline(data, patch_size, batch_size, length, regions)
+    else:
+        dataset = monai_default_pipeline(data, patch_size, batch_size, length, regions, pipeline == "monai-before")
     ring = {"collate_fn": SharedBatchRing()} if pipeline == "patches" else {}  # as the configs load them
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, **ring)
-    start_cpu = resource.getrusage(resource.RUSAGE_SELF)
-    iterator = iter(loader)
-    next(iterator)  # warm-up: workers started, first patches made
-    start = time.perf_counter()
-    count = 0
-    for batch in iterator:
-        count += batch["image"].shape[0]
-    seconds = time.perf_counter() - start
-    del iterator  # workers exit; their CPU time is then the children's
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (own.ru_utime + own.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime) + children.ru_utime + children.ru_stime
-    return {"patches": count, "seconds": seconds, "patches_per_s": count / seconds,
-            "cpu_s_per_patch": cpu / (count + batch_size)}  # the warm-up batch's CPU time is in there too
+    pids, count, marks = [os.getpid()], 0, {}
+    before = cpu_seconds(pids)
+    for index, batch in enumerate(loader, 1):
+        if index > warm and index <= warm + batches:
+            count += batch["image"].shape[0]
+        touch(batch)
+        if index in (warm, warm + batches):
+            pids = pids[:1] + child_pids() if index == warm else pids
+            marks[index] = (time.perf_counter(), cpu_seconds(pids))
+    (start, cpu_start), (end, cpu_end) = marks[warm], marks[warm + batches]
+    return {"patches": count, "seconds": end - start, "patches_per_s": count / (end - start),
+            "cpu_s_per_patch": (cpu_end - cpu_start) / count, "startup_cpu_s": cpu_start - before}
 
 
 NNUNET_WORKER = r"""
@@ -241,15 +302,17 @@ else:
 loader = nnUNetDataLoader(dataset, spec["batch_size"], spec["patch_size"], spec["patch_size"], Labels(),
                           oversample_foreground_percent=1 / 3, sampling_probabilities=None, pad_sides=None,
                           probabilistic_oversampling=False, transforms=transforms)
-next(loader)
-start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+before = cpu()
+for _ in range(4):  # warm-up, as the other pipelines'
+    next(loader)
+start, cpu0 = time.perf_counter(), cpu()
 count = 0
 for _ in range(spec["batches"]):
     count += next(loader)["data"].shape[0]
-seconds = time.perf_counter() - start
-cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-print(json.dumps({"patches": count, "seconds": seconds, "patches_per_s": count / seconds, "cpu_s_per_patch": cpu / count}))
+seconds, cpu1 = time.perf_counter() - start, cpu()
+print(json.dumps({"patches": count, "seconds": seconds, "patches_per_s": count / seconds,
+                  "cpu_s_per_patch": (cpu1 - cpu0) / count, "startup_cpu_s": cpu0 - before}))
 """
 
 
@@ -265,7 +328,9 @@ def run_isolated(args, pipeline: str, storage: str, data: list[dict], workers: i
         command = [args.nnunet_python, "-c", NNUNET_WORKER, json.dumps(spec)]
     else:
         command = [sys.executable, "-m", __spec__.name, "--worker", json.dumps(spec)]
-    out = subprocess.run(command, capture_output=True, text=True)
+    # the pipeline as it ran before: PyTorch's 4 KiB pages (medtuning turns huge pages on only where unset)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"} if pipeline == "monai-before" else None
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         errors = [line for line in out.stderr.splitlines() if "Error" in line] or out.stderr.strip().splitlines() or ["?"]
         return "failed: " + errors[-1]
@@ -330,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             for pipeline in args.pipelines:
                 for storage in (s for s in args.storage if s in stored):
-                    if (pipeline == "nnunet" and workers) or (pipeline == "monai-default" and storage != "npy"):
+                    if (pipeline == "nnunet" and workers) or (pipeline.startswith("monai") and storage != "npy"):
                         continue
                     result = run_isolated(args, pipeline, storage, stored[storage], workers)
                     rows.append((pipeline, storage, workers, result))
                     shown = result if isinstance(result, str) else (
-                        f"{result['patches_per_s']:7.2f} patches/s, {result['cpu_s_per_patch']:.3f} CPU-s/patch")
+                        f"{result['patches_per_s']:7.2f} patches/s, {result['cpu_s_per_patch']:.3f} CPU-s/patch, "
+                        f"start-up {result['startup_cpu_s']:.1f} CPU-s")
                     print(f"  {pipeline:14s} {storage:5s} workers {workers}: {shown}", flush=True)
     summary = notes + ratios(rows)
     for line in summary[len(notes):]:
@@ -351,11 +417,13 @@ def ratios(rows: list) -> list[str]:
     found = {(p, s, w): r for p, s, w, r in rows if isinstance(r, dict)}
     lines = []
     for workers in sorted({w for _, _, w in found}):
-        old, mapped = found.get(("monai-default", "npy", workers)), found.get(("patches", "npy", workers))
-        packed = found.get(("patches", "b2nd", workers))
-        if mapped and old:
-            gain = old["cpu_s_per_patch"] / mapped["cpu_s_per_patch"]
-            lines.append(f"patches/s per CPU-second, workers {workers}: x{gain:.1f} the MONAI default's (target >= 10)")
+        mapped, packed = found.get(("patches", "npy", workers)), found.get(("patches", "b2nd", workers))
+        gains = [f"x{old['cpu_s_per_patch'] / mapped['cpu_s_per_patch']:.1f} {what}" for old, what in (
+            (found.get(("monai-before", "npy", workers)), "the MONAI pipeline as it ran before (target >= 10)"),
+            (found.get(("monai-default", "npy", workers)), "the same on today's region transform and huge pages"))
+            if old and mapped]
+        if gains:
+            lines.append(f"patches/s per CPU-second, workers {workers}: " + ", ".join(gains))
         if mapped and packed:
             cost = packed["cpu_s_per_patch"] / mapped["cpu_s_per_patch"]
             lines.append(f"b2nd vs npy, workers {workers}: x{cost:.2f} the CPU-s per patch")
@@ -373,11 +441,12 @@ def write_markdown(args, rows: list, summary: list[str], argv: list[str]) -> Non
     table = []
     for pipeline, storage, workers, result in rows:
         if isinstance(result, str):
-            table.append([pipeline, storage, str(workers), result, ""])
+            table.append([pipeline, storage, str(workers), result, "", ""])
         else:
             table.append([pipeline, storage, str(workers), f"{result['patches_per_s']:.2f}",
-                          f"{result['cpu_s_per_patch']:.3f}"])
-    body = markdown_table(["pipeline", "storage", "workers", "patches / s", "CPU-s / patch"], table, "llrrr")
+                          f"{result['cpu_s_per_patch']:.3f}", f"{result['startup_cpu_s']:.1f}"])
+    body = markdown_table(["pipeline", "storage", "workers", "patches / s", "CPU-s / patch", "start-up CPU-s"], table,
+                          "llrrrr")
     body += "\n\n" + "\n".join(f"- {line}" for line in summary)
     title = (f"{args.cases} cases of {'x'.join(map(str, args.shape))}, {args.batch} patches of "
              f"{'x'.join(map(str, args.patch))} per batch")

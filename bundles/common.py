@@ -131,7 +131,15 @@ def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2, tra
     chosen = ids[-n_val:] if split == "validation" else ids[:-n_val] if split == "training" else ids
     if split == "training" and float(train_fraction) < 1.0:
         chosen = training_subset(folder, chosen, float(train_fraction), seed)
-    return [{"image": str(folder / f"{i}.npy"), "label": str(folder / f"{i}_seg.npy"), "case_id": i} for i in chosen]
+    return [case_files(folder, i) for i in chosen]
+
+
+def case_files(folder: Path, case_id: str) -> dict:
+    """A preprocessed case's data dict: its ``.npy`` arrays, or nnU-Net v2's ``.b2nd`` where only those are there
+    (a work folder packed to save disk)."""
+    ending = ".b2nd" if not (folder / f"{case_id}.npy").exists() and (folder / f"{case_id}.b2nd").exists() else ".npy"
+    return {"image": str(folder / f"{case_id}{ending}"), "label": str(folder / f"{case_id}_seg{ending}"),
+            "case_id": case_id}
 
 
 def training_subset(folder: Path, ids: list[str], fraction: float, seed: int = 0) -> list[str]:

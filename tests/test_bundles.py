@@ -388,3 +388,17 @@ def test_datalist_takes_the_fraction_of_the_training_cases_only(tmp_path):
     assert len(datalist(tmp_path, "training", 0.2)) == 8
     assert len(datalist(tmp_path, "training", 0.2, train_fraction=0.25)) == 2
     assert datalist(tmp_path, "validation", 0.2, train_fraction=0.25) == datalist(tmp_path, "validation", 0.2)
+
+
+def test_datalist_names_each_case_in_the_storage_it_has(tmp_path):
+    from medtuning.bundles.common import datalist
+
+    folder = tmp_path / "preprocessed"
+    _cases_with_classes(folder, [(1,)] * 3)
+    ids = sorted(p.stem for p in folder.glob("*.json"))
+    for case in ids:  # the first case packed as nnU-Net v2 stores it, the others as preprocessing writes them
+        for ending in ("", "_seg"):
+            (folder / f"{case}{ending}{'.b2nd' if case == ids[0] else '.npy'}").write_bytes(b"")
+    items = {item["case_id"]: item for item in datalist(tmp_path, "all")}
+    assert items[ids[0]]["image"].endswith(f"{ids[0]}.b2nd") and items[ids[0]]["label"].endswith("_seg.b2nd")
+    assert items[ids[1]]["image"].endswith(f"{ids[1]}.npy") and items[ids[1]]["label"].endswith("_seg.npy")

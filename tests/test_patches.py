@@ -187,6 +187,7 @@ def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "nnunet         npy   workers 0: not measured: give --nnunet-python" in out.stdout
     assert "b2nd written by blosc2 with its default chunks" in out.stdout  # no nnU-Net here to write them
+    assert "monai-before   npy   workers 2:" in out.stdout  # the pipeline as it ran before, side by side
     for kind in ("patches/s per CPU-second", "b2nd vs npy"):  # a ratio per worker count, measured
         ratios = [line for line in out.stdout.splitlines() if line.startswith(kind)]
         assert len(ratios) == 2 and all(math.isfinite(float(r.split(": x")[1].split()[0])) for r in ratios)
