@@ -12,7 +12,8 @@ otherwise by blosc2 with its default chunks):
 
 * ``patches``: what the bundles train with (:mod:`.patches`): memory-mapped cases, only the patch read,
   foreground from the precomputed locations, MONAI's flips (lazily: one flip) and intensity transforms on the
-  patch, labels a byte per voxel (cast on the device), workers' batches handed over in reused shared memory
+  patch, labels a byte per voxel (cast on the device), freed patch buffers reused instead of mapped and zero-filled
+  again (:func:`.patches.reuse_freed_memory`), workers' batches handed over in reused shared memory
   (:class:`.patches.SharedBatchRing`);
 * ``monai-before``: the MONAI pipeline the bundles trained with before :mod:`.patches`, as MONAI's tutorials
   build it and as it ran then: every sample loads its whole case (``cache_rate`` 0), turns its label map into

@@ -178,6 +178,42 @@ def test_an_unreadable_case_names_its_file(tmp_path):
         TrainingCases([item])[0]
 
 
+MAPPED_BYTES = r"""
+import ctypes, json, sys
+import numpy as np
+from medtuning.bundles.patches import PatchDataset, TrainingCases
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+dataset = PatchDataset(TrainingCases([json.loads(sys.argv[1])]), [128, 128, 128], 2, 2)
+dataset.set_random_state(0)
+dataset[0]  # the first patch of this process
+buffer = np.ones((4, 128, 128, 128), np.float32)  # a BraTS patch: 32 MiB, past glibc's own largest threshold
+print(mallinfo2().hblkhd >= buffer.nbytes)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("user_setting", [None, "131072"])
+def test_patch_sized_buffers_come_from_the_heap_unless_the_user_set_glibc(tmp_path, user_setting):
+    import ctypes
+    import os
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    item, _, _ = write_case(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update({"MALLOC_MMAP_THRESHOLD_": user_setting} if user_setting else {})
+    out = subprocess.run([sys.executable, "-c", MAPPED_BYTES, json.dumps(item)], env=env, capture_output=True,
+                         text=True, check=True)
+    # mapped (and zero-filled again at every patch) only where the user's own setting says so
+    assert out.stdout.split()[-1] == ("True" if user_setting else "False")
+
+
 @pytest.mark.slow
 def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
     page = tmp_path / "loader.md"
