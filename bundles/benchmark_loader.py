@@ -58,12 +58,14 @@ def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -
     ``CASE_locations.npz``): z-scored noise, a tumour-like ellipsoid of three labels, -1 outside a nonzero box,
     where the image is 0 (as z-scoring within the nonzero mask leaves it)."""
     from ..preprocessing.case import sample_class_locations
+    from ..preprocessing.preprocessor import case_paths
 
     folder.mkdir(parents=True, exist_ok=True)
     data = []
     for i in range(cases):
         case = f"case_{i:03d}"
-        paths = {"image": folder / f"{case}.npy", "label": folder / f"{case}_seg.npy", "case_id": case}
+        stage = case_paths(folder, case)
+        paths = {"image": stage["data"], "label": stage["seg"], "case_id": case}
         if not paths["image"].is_file():
             rng = np.random.default_rng(i)
             grid = np.ogrid[tuple(slice(0, n) for n in shape)]
@@ -77,7 +79,7 @@ def write_cases(folder: Path, cases: int, shape: list[int], channels: int = 4) -
             np.save(paths["image"], image)
             np.save(paths["label"], seg[None])
             locations = sample_class_locations(seg[None], [1, 2, 3])
-            np.savez(folder / f"{case}_locations.npz", **{str(k): v for k, v in locations.items()})
+            np.savez(stage["locations"], **{str(k): v for k, v in locations.items()})
         data.append({k: str(v) for k, v in paths.items()})
     return data
 
@@ -205,13 +207,17 @@ def touch(batch: dict) -> None:
             value.view(-1)[:: max(1, 4096 // value.element_size())].sum()
 
 
+def stat_fields(stat: Path) -> list[str]:
+    """A ``/proc/PID/stat`` file's fields after the command name (which may hold spaces and parentheses): state,
+    parent PID, ... (``man proc``, from field 3 on)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far (``/proc/PID/stat``)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of these processes so far."""
+    # utime and stime, in clock ticks
+    ticks = sum(int(f[11]) + int(f[12]) for f in (stat_fields(Path(f"/proc/{pid}/stat")) for pid in pids))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids() -> list[int]:
@@ -219,7 +225,7 @@ def child_pids() -> list[int]:
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+            if int(stat_fields(stat)[1]) == os.getpid():
                 pids.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):  # a process that ended meanwhile
             continue
@@ -251,8 +257,9 @@ def measure(pipeline: str, data: list[dict], patch_size: list[int], batch_size: 
         if index > warm and index <= warm + batches:
             count += batch["image"].shape[0]
         touch(batch)
+        if index == warm:  # the workers are all up by now
+            pids += child_pids()
         if index in (warm, warm + batches):
-            pids = pids[:1] + child_pids() if index == warm else pids
             marks[index] = (time.perf_counter(), cpu_seconds(pids))
     (start, cpu_start), (end, cpu_end) = marks[warm], marks[warm + batches]
     return {"patches": count, "seconds": end - start, "patches_per_s": count / (end - start),

@@ -137,9 +137,13 @@ def datalist(work: str | Path | None, split: str, val_fraction: float = 0.2, tra
 def case_files(folder: Path, case_id: str) -> dict:
     """A preprocessed case's data dict: its ``.npy`` arrays, or nnU-Net v2's ``.b2nd`` where only those are there
     (a work folder packed to save disk)."""
-    ending = ".b2nd" if not (folder / f"{case_id}.npy").exists() and (folder / f"{case_id}.b2nd").exists() else ".npy"
-    return {"image": str(folder / f"{case_id}{ending}"), "label": str(folder / f"{case_id}_seg{ending}"),
-            "case_id": case_id}
+    from ..preprocessing.preprocessor import case_paths
+
+    paths = case_paths(folder, case_id)
+    image, label = paths["data"], paths["seg"]
+    if not image.exists() and image.with_suffix(".b2nd").exists():
+        image, label = image.with_suffix(".b2nd"), label.with_suffix(".b2nd")
+    return {"image": str(image), "label": str(label), "case_id": case_id}
 
 
 def training_subset(folder: Path, ids: list[str], fraction: float, seed: int = 0) -> list[str]:

@@ -219,7 +219,8 @@ def test_loader_benchmark_prints_and_writes_its_ratios(tmp_path):
     page = tmp_path / "loader.md"
     out = subprocess.run([sys.executable, "-m", "medtuning.bundles.benchmark_loader", "--cases", "2", "--shape", "24",
                           "40", "40", "--patch", "16", "32", "32", "--batches", "2", "--workers", "0", "2",
-                          "--pipelines", "patches", "monai-before", "nnunet", "--markdown", str(page)], cwd=REPO, capture_output=True, text=True, timeout=3600)
+                          "--pipelines", "patches", "monai-before", "nnunet", "--markdown", str(page)],
+                         cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr
     assert "nnunet         npy   workers 0: not measured: give --nnunet-python" in out.stdout
     assert "b2nd written by blosc2 with its default chunks" in out.stdout  # no nnU-Net here to write them
